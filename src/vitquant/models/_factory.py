@@ -1,0 +1,74 @@
+"""Model registry and factory: ``create_model(name, ...)`` and ``list_models(pattern)``.
+
+Entrypoints register with :func:`register_model`; each returns a float model for its name.
+Checkpoint loading (timm/DeiT ``.pth``, Google ``.npz``, safetensors) lives in
+:mod:`vitquant.models.checkpoints`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..registry import Registry
+
+__all__ = ["MODELS", "register_model", "create_model", "list_models"]
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Registers a model entrypoint under its function name."""
+    return MODELS.register(fn.__name__)(fn)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the registered models matching a shell-style ``pattern``.
+
+    Example:
+        >>> list_models("deit_*distilled*")
+    """
+    return MODELS.names(pattern)
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Builds a registered model, optionally loading weights.
+
+    Args:
+        name: a registered name (``vitquant.list_models()``), e.g. ``"deit_tiny_patch16_224"``,
+            ``"ViT-B_16"`` or ``"vit_micro_patch4_28"``. Unknown names raise a ``ConfigError``
+            listing the closest names.
+        pretrained: load the published weights for ``name`` from the local cache
+            (``$VITQUANT_HOME`` or ``~/.cache/vitquant``); nothing is downloaded.
+        checkpoint_path: a timm/DeiT ``.pth``, a Google ``.npz`` or a ``.safetensors`` file.
+        num_classes: classes of the head; a checkpoint with another head size gets a new head
+            (with a message).
+        img_size: input resolution; ``pos_embed`` of a checkpoint is resampled to the new grid.
+        **overrides: other ``VisionTransformer`` arguments (``drop_path_rate``, ``in_chans``, ...).
+
+    Returns:
+        The model, in train mode, on CPU.
+    """
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    entry = MODELS.get(name)
+    model = entry(**overrides)
+    if getattr(model, "default_cfg", None) is not None:
+        model.default_cfg = {**model.default_cfg, "architecture": name}
+    if pretrained or checkpoint_path:
+        from .checkpoints import load_checkpoint, resolve_pretrained
+
+        path = checkpoint_path or resolve_pretrained(name)
+        load_checkpoint(model, path)
+    return model
