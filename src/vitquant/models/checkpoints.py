@@ -1,0 +1,494 @@
+"""Checkpoint loading for the model zoo: timm/DeiT ``.pth``, Google ``.npz`` and safetensors.
+
+Reading (:func:`load_state_dict`) never unpickles objects: ``.pth`` files go through
+``torch.load(weights_only=True)`` (which also accepts the ``argparse.Namespace`` that DeiT-style
+training checkpoints carry, a plain attribute bag), ``.npz`` through ``np.load(allow_pickle=False)``
+and safetensors through its own parser. All model surgery happens in one place,
+:func:`checkpoint_filter_fn`, as in timm: wrapper keys and ``module.``/``_orig_mod.`` prefixes go,
+``pos_embed`` is resampled to the model's patch grid (bicubic, as timm's
+``resample_abs_pos_embed``; bilinear without antialiasing for Google ``.npz`` files, as Google's
+``vit_jax`` and timm's ``_load_weights``), the patch kernel is resized with FlexiViT's
+pseudo-inverse (Beyer et al., 2023, arXiv 2212.08013) and adapted to another number of input
+channels, ``pre_logits`` of the ImageNet-21k files is dropped, and a head of another size is
+replaced by a fresh one, each with a one-line log message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ConfigError
+from .npz import find_google_prefix, google_to_state_dict
+
+__all__ = [
+    "vitquant_home",
+    "resolve_pretrained",
+    "load_state_dict",
+    "clean_state_dict",
+    "checkpoint_filter_fn",
+    "load_checkpoint",
+    "convert_checkpoint",
+    "resample_abs_pos_embed",
+    "resample_patch_embed",
+    "adapt_input_conv",
+]
+
+logger = logging.getLogger(__name__)
+
+_EXTENSIONS = ("safetensors", "pth", "npz")
+_WRAPPERS = ("model", "state_dict", "model_state_dict", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+_HEADS = ("head", "head_dist")
+#: harmless classes that ``weights_only`` loading accepts (DeiT/Q-ViT checkpoints pickle their
+#: argparse arguments next to the weights)
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+# --- where pretrained files live ---------------------------------------------------------------
+def vitquant_home() -> Path:
+    """The local weight cache: ``$VITQUANT_HOME`` or ``~/.cache/vitquant``."""
+    return Path(os.environ.get("VITQUANT_HOME") or "~/.cache/vitquant").expanduser()
+
+
+def resolve_pretrained(name: str) -> Path:
+    """The local file with the published weights of model ``name``; nothing is downloaded.
+
+    Looks for ``<name>.safetensors``, ``<name>.pth`` and ``<name>.npz`` (in that order) in
+    :func:`vitquant_home`.
+
+    Raises:
+        CheckpointError: no such file; the message says where to put one.
+    """
+    home = vitquant_home()
+    for ext in _EXTENSIONS:
+        path = home / f"{name}.{ext}"
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        f"no pretrained weights for {name!r}: nothing is downloaded, so put {name}.safetensors, "
+        f"{name}.pth or {name}.npz in {home} (set $VITQUANT_HOME to change it) or pass "
+        "checkpoint_path=..."
+    )
+
+
+# --- reading files -----------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _corrupt(path: Path, kind: str, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable {kind} file (corrupt or truncated?): {_first_line(e)}"
+    )
+
+
+def _sniff(path: Path) -> str:
+    """``"torch"``, ``"npz"`` or ``"safetensors"``, from the content (the suffix breaks ties)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise _corrupt(path, "zip (.pth/.npz)", e) from e
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+    if head[8:9] == b"{" or path.suffix == ".safetensors":
+        return "safetensors"
+    return "npz" if path.suffix == ".npz" else "torch"
+
+
+def _pickled_globals(path: Path, e: BaseException) -> list[str]:
+    """The Python classes/functions a torch file pickles (beyond what we accept)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_GLOBALS}
+    names: list[str] = []
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is not None:
+        with contextlib.suppress(Exception):
+            names = [n for n in finder(str(path)) if n not in allowed]
+    if not names:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(e))
+    return names
+
+
+def _read_torch(path: Path, trust: bool = False) -> Any:
+    safe = getattr(torch.serialization, "safe_globals", None)
+    ctx = safe(_SAFE_GLOBALS) if safe is not None else contextlib.nullcontext()
+    try:
+        with ctx:
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        names = _pickled_globals(path, e)
+        if not names:
+            raise _corrupt(path, "PyTorch", e) from e
+        raise CheckpointError(
+            f"{path} pickles Python objects ({', '.join(names[:4])}) and vitquant never unpickles; "
+            "if you trust the file, convert it once with vitquant.models.checkpoints."
+            "convert_checkpoint(SRC, 'DST.safetensors', unsafe_trust_file=True) (CLI: `vitquant "
+            "convert SRC DST.safetensors --unsafe-trust-file`) or load it yourself and torch.save "
+            "only its state_dict"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise _corrupt(path, "PyTorch", e) from e
+
+
+def _read_npz(path: Path) -> tuple[dict[str, Tensor], bool]:
+    """The tensors of an ``.npz`` (Google's layout renamed to timm's); whether it was Google's."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            arrays = {k: f[k] for k in f.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise CheckpointError(
+                f"{path} stores pickled Python objects and vitquant never unpickles; "
+                "save the arrays as plain numeric arrays (np.savez) instead"
+            ) from e
+        raise _corrupt(path, ".npz", e) from e
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+        raise _corrupt(path, ".npz", e) from e
+    if find_google_prefix(frozenset(arrays)) is not None:
+        return google_to_state_dict(arrays), True
+    return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in arrays.items()}, False
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _corrupt(path, "safetensors", e) from e
+
+
+def _unwrap(obj: Any, where: str) -> dict[str, Tensor]:
+    """The tensors of a state dict nested in ``model`` / ``state_dict`` / ``module`` entries."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not sd:
+        raise CheckpointError(f"{where} holds no tensors (keys: {', '.join(list(obj)[:5])})")
+    return sd
+
+
+def clean_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Strips the ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) key prefixes."""
+    out: dict[str, Tensor] = {}
+    for k, v in state_dict.items():
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def _read(path: str | os.PathLike[str], trust: bool = False) -> tuple[dict[str, Tensor], str]:
+    """The cleaned state dict and its format: ``"torch"``, ``"safetensors"``, ``"npz"`` or
+    ``"google"`` (a Google-layout ``.npz``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {'is a directory' if p.is_dir() else 'not found'}: {p}")
+    fmt = _sniff(p)
+    obj: Any
+    if fmt == "npz":
+        obj, google = _read_npz(p)
+        fmt = "google" if google else fmt
+    elif fmt == "safetensors":
+        obj = _read_safetensors(p)
+    else:
+        obj = _read_torch(p, trust)
+    return clean_state_dict(_unwrap(obj, str(p))), fmt
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Reads a checkpoint of any supported kind as a plain ``{name: tensor}`` dict (on CPU).
+
+    ``.pth`` wrappers (``model``, ``state_dict``, ...) and ``module.``/``_orig_mod.`` prefixes are
+    removed and Google ``.npz`` layouts are renamed to timm's names; nothing is resampled.
+
+    Raises:
+        CheckpointError: missing, corrupt, or unsafe (pickled objects) file.
+    """
+    return _read(path)[0]
+
+
+# --- surgery -----------------------------------------------------------------------------------
+def resample_abs_pos_embed(
+    posemb: Tensor,
+    new_size: tuple[int, int],
+    old_size: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> Tensor:
+    """Resamples a ``[1, prefix + H*W, C]`` position table to another patch grid.
+
+    The prefix tokens (class, distillation) are kept; the grid is interpolated in float32.
+
+    Raises:
+        CheckpointError: ``old_size`` not given and the grid is not square.
+    """
+    n = posemb.shape[1] - num_prefix_tokens
+    if old_size is None:
+        hw = math.isqrt(max(n, 0))
+        if hw * hw != n or n == 0:
+            raise CheckpointError(
+                f"cannot resample pos_embed of {posemb.shape[1]} tokens: {n} patch positions are "
+                "not a square grid"
+            )
+        old_size = (hw, hw)
+    if tuple(old_size) == tuple(new_size):
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dim = grid.shape[-1]
+    g = grid.float().reshape(1, old_size[0], old_size[1], dim).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=tuple(new_size), mode=interpolation, antialias=antialias)
+    g = g.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)
+    return torch.cat([prefix, g], dim=1)
+
+
+def resample_patch_embed(
+    weight: Tensor,
+    new_size: tuple[int, int],
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> Tensor:
+    """Resizes a patch-embedding kernel ``[O, I, h, w]`` to ``new_size`` (FlexiViT's PI-resize).
+
+    With ``B`` the linear map that resizes an ``h x w`` patch to ``new_size``, the new kernel
+    ``w'`` is the least-norm solution of ``Bᵀ w' = w``: ``<x, w> = <B x, w'>`` for every patch.
+    """
+    o, i, h, w = weight.shape
+    old = h * w
+    basis = torch.eye(old, dtype=torch.float64).reshape(old, 1, h, w)  # float64: exact pinv
+    rows = F.interpolate(basis, size=tuple(new_size), mode=interpolation, antialias=antialias)
+    resize = rows.reshape(old, -1).T  # B: [new, old]
+    out = weight.double().reshape(o, i, old) @ torch.linalg.pinv(resize)
+    return out.reshape(o, i, *new_size).to(weight.dtype)
+
+
+def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
+    """Adapts a first-layer kernel ``[O, I, h, w]`` to ``in_chans`` inputs (as timm does).
+
+    One channel: the sum over the input channels (a grey image seen as R = G = B). More channels:
+    the channels repeated cyclically and scaled by ``I / in_chans``.
+    """
+    have = weight.shape[1]
+    if in_chans == have:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, math.ceil(in_chans / have), 1, 1)[:, :in_chans] * (have / in_chans)
+    return w.to(weight.dtype)
+
+
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any],
+    model: nn.Module,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> dict[str, Tensor]:
+    """Adapts a checkpoint's state dict to ``model`` (timm's ``checkpoint_filter_fn``).
+
+    Unwraps ``model``/``state_dict`` entries and strips ``module.``/``_orig_mod.``; renames
+    DeiT-III ``gamma_N`` to ``lsN.gamma``; adapts the patch kernel to the model's input channels
+    and patch size; resamples ``pos_embed`` to the model's grid (keeping the prefix tokens);
+    drops ``pre_logits`` and any head whose size differs from the model's (the model keeps its
+    freshly initialised head). Each change is logged in one line. Keys or shapes it cannot adapt
+    are left as they are for :func:`load_checkpoint` to report.
+    """
+    sd = clean_state_dict(_unwrap(state_dict, "the checkpoint"))
+    target = model.state_dict()
+    npt = int(getattr(model, "num_prefix_tokens", 1))
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        k = re.sub(r"(blocks\.\d+\.)gamma_([12])$", r"\1ls\2.gamma", k)
+        t = target.get(k)
+        if k.startswith("pre_logits."):
+            if k.endswith(".weight"):
+                logger.warning(
+                    "dropped the checkpoint's pre_logits layer %s (ImageNet-21k representation "
+                    "layer; this ViT, like timm's, has none)",
+                    tuple(v.shape),
+                )
+            continue
+        if k == "patch_embed.proj.weight" and t is not None and v.ndim == 4:
+            if v.shape[1] != t.shape[1]:
+                logger.info(
+                    "adapted patch_embed from %d to %d input channels", v.shape[1], t.shape[1]
+                )
+                v = adapt_input_conv(t.shape[1], v)
+            if v.shape[-2:] != t.shape[-2:]:
+                logger.info(
+                    "resized the patch kernel from %s to %s",
+                    tuple(v.shape[-2:]),
+                    tuple(t.shape[-2:]),
+                )
+                v = resample_patch_embed(v, tuple(t.shape[-2:]), interpolation, antialias)
+        elif k == "pos_embed" and t is not None and v.ndim == 3 and v.shape != t.shape:
+            n = v.shape[1] - npt
+            hw = math.isqrt(max(n, 0))
+            grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr]
+            if n > 0 and hw * hw == n and v.shape[-1] == t.shape[-1]:
+                logger.info(
+                    "resampled pos_embed from a %dx%d to a %dx%d grid (%s)",
+                    hw,
+                    hw,
+                    grid[0],
+                    grid[1],
+                    interpolation,
+                )
+                v = resample_abs_pos_embed(v, grid, (hw, hw), npt, interpolation, antialias)
+        out[k] = v
+    for h in _HEADS:
+        w, t = out.get(f"{h}.weight"), target.get(f"{h}.weight")
+        if w is None or (t is None and "head.weight" in target):
+            continue  # no head, or a distilled checkpoint in a plain model (reported later)
+        if t is None:
+            logger.warning(
+                "the model has no classifier (num_classes=0): dropped the checkpoint's %s", h
+            )
+        elif w.shape != t.shape and w.shape[1:] == t.shape[1:]:
+            logger.warning(
+                "checkpoint %s has %d classes, the model %d: %s is newly initialized",
+                h,
+                w.shape[0],
+                t.shape[0],
+                h,
+            )
+        else:
+            continue
+        out.pop(f"{h}.weight")
+        out.pop(f"{h}.bias", None)
+    if "head.weight" in target and "head.weight" not in out and "head.weight" not in sd:
+        logger.warning("checkpoint has no classifier head: the model's head is newly initialized")
+    return out
+
+
+def _mismatch(state_dict: Mapping[str, Tensor], model: nn.Module, strict: bool) -> str | None:
+    target = model.state_dict()
+    missing = [k for k in target if k not in state_dict and not k.startswith(_HEADS)]
+    unexpected = [k for k in state_dict if k not in target]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in state_dict.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    groups = [("shape mismatches", shapes)]
+    if strict:
+        groups = [("missing keys", missing), ("unexpected keys", unexpected)] + groups
+    parts = [
+        f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+        for label, items in groups
+        if items
+    ]
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    strict: bool = True,
+    interpolation: str | None = None,
+    antialias: bool | None = None,
+) -> None:
+    """Loads a ``.pth`` / ``.npz`` / ``.safetensors`` checkpoint into ``model`` in place.
+
+    Args:
+        model: the model (built for the wanted ``img_size`` / ``num_classes`` / ``in_chans``).
+        path: the checkpoint file.
+        strict: fail on missing or unexpected keys (a head of another size, or none, is always
+            allowed: the model keeps its fresh head). Shape mismatches always fail.
+        interpolation: for ``pos_embed`` / patch kernel resampling; default ``"bilinear"``
+            (no antialiasing) for Google ``.npz`` files, as Google and timm do, else
+            ``"bicubic"`` (antialiased), as timm's ``checkpoint_filter_fn``.
+        antialias: antialias when downsampling (default: see ``interpolation``).
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, or a checkpoint of another architecture
+            (the message names the first missing / unexpected / mismatched keys, with counts).
+    """
+    state_dict, fmt = _read(path)
+    if interpolation is None:
+        interpolation = "bilinear" if fmt == "google" else "bicubic"
+    if antialias is None:
+        antialias = fmt != "google"
+    state_dict = checkpoint_filter_fn(state_dict, model, interpolation, antialias)
+    problem = _mismatch(state_dict, model, strict)
+    if problem is not None:
+        arch = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+        raise CheckpointError(f"{path} does not fit {arch}: {problem}")
+    target = model.state_dict()
+    fits = {k: v for k, v in state_dict.items() if k in target}
+    with torch.no_grad():
+        model.load_state_dict(fits, strict=False)
+
+
+# --- conversion --------------------------------------------------------------------------------
+def convert_checkpoint(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], unsafe_trust_file: bool = False
+) -> Path:
+    """Writes the state dict of any supported checkpoint as a ``.safetensors`` file (atomically).
+
+    Args:
+        src: a ``.pth``, ``.npz`` or ``.safetensors`` file; wrappers and prefixes are removed and
+            Google names become timm's.
+        dst: the output, ending in ``.safetensors``.
+        unsafe_trust_file: UNSAFE, only for files you trust: read a ``.pth`` with
+            ``torch.load(weights_only=False)``, which runs any code pickled in it. Needed for
+            training checkpoints that pickle Python objects other than ``argparse.Namespace``.
+
+    Returns:
+        The output path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(dst).expanduser()
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"convert writes safetensors: name the output *.safetensors, not {out}")
+    state_dict, _ = _read(src, trust=unsafe_trust_file)
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state_dict.items():
+        v = v.detach().cpu().contiguous()
+        storage = v.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != v.nbytes:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "source": Path(src).name})
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
