@@ -1,1 +1,83 @@
+"""Quantization: quantizers, quantized modules, configs/presets and the PTQ workflow.
 
+Typical use::
+
+    from vitquant.quant import QuantConfig, prepare, calibrate, quant_summary, format_summary
+    model = prepare(model, QuantConfig(preset="ft2", wbits=8, abits=8))
+    calibrate(model, loader, method="percentile", percentile=99.99, num_batches=20)
+    print(format_summary(quant_summary(model)))
+
+Presets follow NVIDIA FasterTransformer's ViT example (ft1/ft2/ft3/trt); ``repq`` adds the
+ViT-specific PTQ of RepQ-ViT (log-sqrt2 softmax, LayerNorm reparameterisation).
+"""
+
+from __future__ import annotations
+
+from .api import (
+    batch_input,
+    calibrate,
+    enable_quantization,
+    get_config,
+    named_quantizers,
+    prepare,
+    quantization_disabled,
+)
+from .calibrated_io import load_calibrated, save_calibrated
+from .calibrators import compute_amax
+from .config import QuantConfig
+from .modules import (
+    QuantAdd,
+    QuantAttention,
+    QuantBlock,
+    QuantConv2d,
+    QuantLayerNorm,
+    QuantLinear,
+    QuantMatMul,
+    QuantMultiheadAttention,
+    QuantSoftmax,
+    QuantTransformerEncoderLayer,
+)
+from .presets import POINT_KINDS, PRESETS
+from .quantizers import (
+    QUANTIZERS,
+    Log2Quantizer,
+    Log2Sqrt2Quantizer,
+    QParams,
+    Quantizer,
+    UniformQuantizer,
+)
+from .summary import format_summary, quant_summary
+
+__all__ = [
+    "QuantConfig",
+    "PRESETS",
+    "POINT_KINDS",
+    "prepare",
+    "calibrate",
+    "compute_amax",
+    "quant_summary",
+    "format_summary",
+    "enable_quantization",
+    "quantization_disabled",
+    "named_quantizers",
+    "get_config",
+    "batch_input",
+    "save_calibrated",
+    "load_calibrated",
+    "QParams",
+    "Quantizer",
+    "QUANTIZERS",
+    "UniformQuantizer",
+    "Log2Quantizer",
+    "Log2Sqrt2Quantizer",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantMatMul",
+    "QuantAdd",
+    "QuantSoftmax",
+    "QuantLayerNorm",
+    "QuantAttention",
+    "QuantBlock",
+    "QuantMultiheadAttention",
+    "QuantTransformerEncoderLayer",
+]

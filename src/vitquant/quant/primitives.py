@@ -3,7 +3,8 @@
 Nothing here holds state. Conventions:
 
 * an integer grid ``[qmin, qmax]`` comes from :func:`qrange`;
-* ``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x_hat = (x_q - zero_point) * scale``;
+* ``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)``;
+* ``x_hat = (x_q - zero_point) * scale``;
 * ``scale`` and ``zero_point`` broadcast against ``x`` (use :func:`expand_to` for a channel axis);
 * fake quantization has straight-through gradients inside the clipping range and zero outside,
   as ``torch.fake_quantize_per_tensor_affine`` does.
@@ -34,6 +35,13 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "fake_quant_ste",
+    "log2_quantize",
+    "log2_dequantize",
+    "fake_quant_log2",
+    "minmax_levels",
+    "minmax_dequantize",
+    "lsq_grad_factor",
+    "mse_search_rows",
 ]
 
 MIN_BITS = 2
@@ -41,8 +49,12 @@ MAX_BITS = 16
 
 
 def check_bits(bits: int, lo: int = MIN_BITS, hi: int = MAX_BITS, what: str = "bits") -> int:
-    """Returns ``bits`` as an int, or raises a one-line :class:`ConfigError` if outside ``lo..hi``."""
-    if isinstance(bits, bool) or int(bits) != bits or not lo <= int(bits) <= hi:
+    """``bits`` as an int; a one-line :class:`ConfigError` unless it is an integer in lo..hi."""
+    try:
+        ok = not isinstance(bits, bool) and int(bits) == bits and lo <= int(bits) <= hi
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ConfigError(f"{what}={bits!r} is out of range: use an integer in {lo}..{hi}")
     return int(bits)
 
@@ -82,7 +94,7 @@ def floor_ste(x: Tensor) -> Tensor:
 
 
 def grad_scale(x: Tensor, scale: float | Tensor) -> Tensor:
-    """Returns ``x`` unchanged, with its gradient multiplied by ``scale`` (LSQ's gradient scaling)."""
+    """Returns ``x`` unchanged, its gradient multiplied by ``scale`` (LSQ's gradient scaling)."""
     y = x * scale
     return (x - y).detach() + y
 
@@ -175,3 +187,118 @@ def fake_quant_ste(
     """
     q = torch.clamp(round_ste(x / scale + zero_point), qmin, qmax)
     return (q - zero_point) * scale
+
+
+# --- logarithmic grids (FQ-ViT's log2 and RepQ-ViT's log-sqrt2 quantizers) -------------------
+# Added by the quantizer engineer for ``vitquant.quant.quantizers.log2``.
+
+
+def log2_quantize(x: Tensor, scale: Tensor, bits: int, sqrt2: bool = False) -> Tensor:
+    """Codes of a logarithmic quantizer for non-negative ``x`` (attention probabilities).
+
+    ``q = clamp(round(-log_b(x / scale)), 0, 2^bits - 1)`` with base ``b = 2`` or ``sqrt(2)``
+    (``sqrt2=True``, RepQ-ViT); the top code ``2^bits - 1`` stands for zero and also takes every
+    value that rounds past it (FQ-ViT maps those to zero too). Values above ``scale`` get code 0.
+    """
+    qmax = 2**bits - 1
+    mult = 2.0 if sqrt2 else 1.0
+    r = x.float() / scale
+    e = -torch.log2(torch.clamp(r, min=torch.finfo(torch.float32).tiny)) * mult
+    q = torch.clamp(torch.round(e), 0, qmax)
+    return torch.where(r > 0, q, torch.full_like(q, qmax))
+
+
+def log2_dequantize(q: Tensor, scale: Tensor, bits: int, sqrt2: bool = False) -> Tensor:
+    """``scale * 2^(-q)`` (or ``scale * 2^(-q/2)`` for ``sqrt2``); the top code is zero."""
+    qmax = 2**bits - 1
+    mult = 2.0 if sqrt2 else 1.0
+    q = q.float()
+    x = scale * torch.exp2(-q / mult)
+    return torch.where(q >= qmax, torch.zeros_like(x), x)
+
+
+def fake_quant_log2(x: Tensor, scale: Tensor, bits: int, sqrt2: bool = False) -> Tensor:
+    """Log-domain quantize-dequantize; straight-through gradient on ``[0, scale]``, zero outside."""
+    scale = scale.detach() if isinstance(scale, Tensor) else scale
+    with torch.no_grad():
+        x_hat = log2_dequantize(log2_quantize(x, scale, bits, sqrt2), scale, bits, sqrt2)
+        x_hat = x_hat.to(x.dtype)
+    inside = (x >= 0) & (x <= scale)
+    return torch.where(inside, x + (x_hat - x).detach(), x_hat)
+
+
+# --- DiffQ's min-max grid with per-group bits ------------------------------------------------
+# Added by the DiffQ engineer for ``vitquant.diffq`` (Defossez et al., 2021, arXiv 2104.09987).
+
+
+def minmax_levels(x: Tensor, mn: float, mx: float, bits: Tensor | int) -> Tensor:
+    """Levels of DiffQ's grid over ``[mn, mx]``: ``round((x - mn) / (mx - mn) * (2^b - 1))``.
+
+    ``bits`` (a tensor, possibly one value per group, or an int) broadcasts against ``x``. The
+    operations run in the order DiffQ's reference runs them (normalise to ``[0, 1]``, then divide
+    by the float32 step ``1 / (2^b - 1)``), so the levels are bit-identical to it. A constant
+    tensor (``mx == mn``) gets level 0 everywhere instead of DiffQ's 0/0. Returns float levels.
+    """
+    span = mx - mn
+    if not span > 0:
+        span = 1.0
+    unit = 1 / (2 ** torch.as_tensor(bits, device=x.device).float() - 1)
+    return ((x - mn) / span / unit).round()
+
+
+def minmax_dequantize(levels: Tensor, mn: float, mx: float, bits: Tensor | int) -> Tensor:
+    """Inverse of :func:`minmax_levels`: ``mn + levels / (2^b - 1) * (mx - mn)`` in float32."""
+    unit = 1 / (2 ** torch.as_tensor(bits, device=levels.device).float() - 1)
+    return levels.float() * unit * (mx - mn) + mn
+
+
+# --- LSQ initialisation and gradient scaling --------------------------------------------------
+# Added by the QAT engineer for ``vitquant.quant.quantizers.lsq`` (Esser et al., 2020,
+# arXiv 1902.08153; LSQ+, Bhalgat et al., 2020, arXiv 2004.09576).
+
+
+def lsq_grad_factor(numel_per_scale: int, qmax: int) -> float:
+    """LSQ's step-size gradient scale ``g = 1 / sqrt(N · Q_P)``.
+
+    ``N`` is the number of elements sharing one scale (weights of a channel, or activation
+    elements of a batch), ``Q_P`` the largest positive level.
+    """
+    return 1.0 / ((max(1, int(numel_per_scale)) * max(1, int(qmax))) ** 0.5)
+
+
+def mse_search_rows(
+    rows: Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool = True,
+    steps: int = 100,
+    lowest: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``(scale, zero_point)`` minimising the quantization MSE over clipping ranges.
+
+    Each row ``r`` of ``rows [G, M]`` is tried with ranges ``α·[min_r, max_r]`` (asymmetric) or
+    ``α·max|r|`` (symmetric) for ``steps`` values of ``α`` in ``[lowest, 1]``; the ``α`` with the
+    smallest ``mean((fake_quant(r) - r)²)`` wins. Symmetric scales are ``α·max|r| / qmax``
+    (``zero_point`` 0); asymmetric ones cover ``[α·min, α·max]`` with an integer zero point.
+    """
+    x = rows.detach().float()
+    best_err = torch.full((x.shape[0],), float("inf"), device=x.device)
+    best_s = torch.ones(x.shape[0], device=x.device)
+    best_z = torch.zeros(x.shape[0], device=x.device)
+    amax = x.abs().amax(dim=1)
+    lo = torch.minimum(x.amin(dim=1), torch.zeros_like(amax))
+    hi = torch.maximum(x.amax(dim=1), torch.zeros_like(amax))
+    for a in torch.linspace(lowest, 1.0, steps).tolist():
+        if symmetric:
+            s = torch.clamp(a * amax / qmax, min=1e-12)
+            z = torch.zeros_like(s)
+        else:
+            s = torch.clamp(a * (hi - lo) / (qmax - qmin), min=1e-12)
+            z = torch.clamp(torch.round(qmin - a * lo / s), qmin, qmax)
+        q = torch.clamp(torch.round(x / s[:, None]) + z[:, None], qmin, qmax)
+        err = ((q - z[:, None]) * s[:, None] - x).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z

@@ -1,0 +1,169 @@
+"""``vitquant calibrate``: post-training quantization, as FasterTransformer's ViT ``--calib``.
+
+``vitquant calibrate --model ViT-B_16 --pretrained ViT-B_16.npz --data-path /data/imagenet
+--img-size 384 --num-calib-batch 20 --calib-batchsz 8 --quant-mode ft2 --calibrator percentile
+--percentile 99.99 --calib-output-path out/`` calibrates on ``num-calib-batch x calib-batchsz``
+training images, evaluates float and quantized models on the validation split (side by side),
+prints the quantizer table and writes ``<calib-output-path>/<model>_calib.pth`` (load it with
+``vitquant eval --quantized``) and ``<model>_calib.json`` (the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ._common import add_config_arg, default_data_path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Adds the ``calibrate`` sub-command."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="post-training quantization: calibrate, compare float vs quantized accuracy",
+        description="Calibrate quantizers on training images (PTQ), evaluate float and quantized "
+        "models, and save <model>_calib.pth.",
+    )
+    add_config_arg(p)
+    p.add_argument("--model", required=False, default=None, help="model name (vitquant models)")
+    p.add_argument(
+        "--pretrained",
+        "--pretrained-dir",
+        dest="pretrained",
+        default=None,
+        metavar="FILE",
+        help="float weights (.npz, .pth, .safetensors)",
+    )
+    p.add_argument(
+        "--data-path",
+        default=None,
+        help=f"dataset folder or name (default {default_data_path()})",
+    )
+    p.add_argument("--dataset", default=None, help="built-in dataset name (fashion-mnist, ...)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: dataset's)")
+    p.add_argument("--num-calib-batch", type=int, default=10, help="calibration batches")
+    p.add_argument("--calib-batchsz", type=int, default=8, help="calibration batch size")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--max-eval-batches", type=int, default=0, help="0: the whole val split")
+    p.add_argument(
+        "--quant-mode", default="ft2", help="ft1, ft2, ft3, trt, repq, weight_only (1/2 = ft1/ft2)"
+    )
+    p.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
+    p.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
+    p.add_argument(
+        "--calibrator", default="percentile", help="max, percentile, mse or entropy (activations)"
+    )
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument(
+        "--softmax-quantizer", default=None, help="uniform, log2 or log2_sqrt2 (softmax output)"
+    )
+    p.add_argument(
+        "--ln-reparam",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="RepQ-ViT LayerNorm reparameterisation (default: the mode's)",
+    )
+    p.add_argument("--weight-granularity", default=None, help="tensor, channel or group:<n>")
+    p.add_argument("--narrow-range", action="store_true", help="[-127, 127] signed grids")
+    p.add_argument("--calib-output-path", default=".", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _loaders(args: argparse.Namespace, source: str, extra: dict[str, Any], in_chans: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    from .. import data
+
+    n_calib = args.num_calib_batch * args.calib_batchsz
+    common = dict(img_size=args.img_size, train_transform=False, in_chans=in_chans, **extra)
+    calib_ds = data.subset(data.build_dataset(source, "train", **common), n_calib, seed=args.seed)
+    val_ds = data.build_dataset(source, "val", **common)
+    if args.max_eval_batches:
+        val_ds = data.subset(val_ds, args.max_eval_batches * args.batch_size, seed=args.seed)
+    calib = DataLoader(calib_ds, batch_size=args.calib_batchsz, shuffle=False)
+    val = DataLoader(
+        val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers
+    )
+    return calib, val
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
+    from ..errors import ConfigError
+    from ..models import create_model
+    from ..quant import QuantConfig, format_summary, quant_summary, save_calibrated
+    from ..quant.sweep import config_label, run_ptq
+    from ..train.checkpoint import write_json
+    from ..train.data import dataset_meta
+    from ..train.distributed import resolve_device
+    from ..train.engine import evaluate
+
+    if not args.model:
+        raise ConfigError("--model is required (see 'vitquant models')")
+    config = QuantConfig(
+        preset=args.quant_mode,
+        wbits=args.wbits,
+        abits=args.abits,
+        calibrator=args.calibrator,
+        percentile=args.percentile,
+        softmax_quantizer=args.softmax_quantizer,
+        ln_reparam=args.ln_reparam,
+        weight_granularity=args.weight_granularity,
+        narrow=args.narrow_range,
+    )
+    for name in ("num_calib_batch", "calib_batchsz", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    device = resolve_device(args.device)
+    source = args.dataset or args.data_path or default_data_path()
+    extra = {"data_path": args.data_path} if args.dataset and args.data_path else {}
+    num_classes, _ = dataset_meta(source) if not args.num_classes else (args.num_classes, 0)
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    model = create_model(args.model, checkpoint_path=args.pretrained, **kwargs).to(device).eval()
+    in_chans = int(model.patch_embed.proj.in_channels) if hasattr(model, "patch_embed") else 3
+    calib, val = _loaders(args, source, extra, in_chans)
+
+    float_metrics = evaluate(model, val, device)
+    qmodel, row = run_ptq(
+        model,
+        config,
+        calib,
+        lambda m: evaluate(m, val, device),
+        device=device,
+        progress=not args.no_progress,
+    )
+    print(format_summary(quant_summary(qmodel)))
+    print()
+    print(f"{'':10} {'top-1':>8} {'top-5':>8} {'loss':>8}   ({float_metrics['images']} images)")
+    for label, m in (("float", float_metrics), ("quantized", row)):
+        print(f"{label:10} {m['top1']:8.2f} {m['top5']:8.2f} {m['loss']:8.4f}")
+    print(f"{'delta':10} {row['top1'] - float_metrics['top1']:+8.2f}   [{config_label(config)}]")
+
+    out_dir = Path(args.calib_output_path)
+    path = save_calibrated(
+        qmodel, out_dir / f"{args.model}_calib.pth", model_name=args.model, model_kwargs=kwargs
+    )
+    result = {
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "data": source,
+        "calib_images": args.num_calib_batch * args.calib_batchsz,
+        "float": float_metrics,
+        "quantized": {k: row[k] for k in ("top1", "top5", "loss", "images")},
+        "label": row["label"],
+        "config": row["config"],
+        "calibrated_file": str(path),
+    }
+    json_path = out_dir / f"{args.model}_calib.json"
+    write_json(json_path, result)
+    print(f"wrote {path} and {json_path}")
+    return 0

@@ -1,0 +1,39 @@
+"""Quantized modules: drop-in replacements that keep the float modules' parameter names.
+
+* :mod:`.linear`: :class:`QuantLinear` (input / weight / after-GEMM output), :class:`QuantConv2d`;
+* :mod:`.ops`: :class:`QuantMatMul` (q·kᵀ, attn·v), :class:`QuantAdd` (residual adds),
+  :class:`QuantSoftmax` (softmax input), :class:`QuantLayerNorm` (LayerNorm input);
+* :mod:`.attention`: equivalents of timm's ``Attention``/``Block``, ``nn.MultiheadAttention`` and
+  ``nn.TransformerEncoderLayer`` that expose those ops.
+
+The quantizer slots follow the FasterTransformer ViT example (see ``docs/ptq.md``).
+"""
+
+from __future__ import annotations
+
+from .attention import (
+    QuantAttention,
+    QuantBlock,
+    QuantMultiheadAttention,
+    QuantTransformerEncoderLayer,
+    additive_mask,
+)
+from .base import QuantModule, apply_q
+from .linear import QuantConv2d, QuantLinear
+from .ops import QuantAdd, QuantLayerNorm, QuantMatMul, QuantSoftmax
+
+__all__ = [
+    "QuantModule",
+    "apply_q",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantMatMul",
+    "QuantAdd",
+    "QuantSoftmax",
+    "QuantLayerNorm",
+    "QuantAttention",
+    "QuantBlock",
+    "QuantMultiheadAttention",
+    "QuantTransformerEncoderLayer",
+    "additive_mask",
+]

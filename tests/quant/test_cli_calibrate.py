@@ -1,0 +1,50 @@
+"""`vitquant calibrate` end to end on the built-in digits data (tiny), and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitquant.cli import main
+from vitquant.quant import load_calibrated, quant_summary
+
+
+def test_calibrate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        [
+            "calibrate",
+            "--model", "vit_nano_patch4_28",
+            "--data-path", "digits",
+            "--img-size", "28",
+            "--num-calib-batch", "2",
+            "--calib-batchsz", "4",
+            "--batch-size", "32",
+            "--max-eval-batches", "1",
+            "--quant-mode", "2",
+            "--calibrator", "percentile",
+            "--percentile", "99.9",
+            "--calib-output-path", str(tmp_path),
+            "--device", "cpu",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "float" in out and "quantized" in out and "blocks.0.attn.qkv.weight_quantizer" in out
+    result = json.loads((tmp_path / "vit_nano_patch4_28_calib.json").read_text())
+    assert result["config"]["preset"] == "ft2" and result["calib_images"] == 8
+    model = load_calibrated(tmp_path / "vit_nano_patch4_28_calib.pth")
+    rows = quant_summary(model)
+    assert len(rows) == 34 and all(r["calibrated"] for r in rows)
+    assert model(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_calibrate_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["calibrate", "--model", "vit_nano_patch4_28", "--quant-mode", "ft7"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown preset" in err and len(err.strip().splitlines()) == 1
+    rc = main(["calibrate", "--model", "vit_nano_patch4_28", "--wbits", "1"])
+    assert rc == 2 and "wbits" in capsys.readouterr().err
