@@ -1,0 +1,164 @@
+"""Helpers shared by the ``vitquant`` sub-commands (not a command itself: the ``_`` prefix).
+
+* :func:`add_config_arg` / :func:`apply_config_file`: ``--config recipe.yaml`` sets the defaults
+  of a sub-command's options (keys are option names, ``-`` or ``_``; a section named after the
+  sub-command, e.g. ``train:``, is used if present); flags on the command line override it.
+* :func:`add_data_args`, :func:`add_runtime_args`: the usual ``--data-path``/``--device`` flags.
+* :func:`print_metrics`, :func:`default_data_path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "add_config_arg",
+    "apply_config_file",
+    "load_yaml_mapping",
+    "add_data_args",
+    "add_runtime_args",
+    "print_metrics",
+    "default_data_path",
+    "FASHION_MNIST_DIR",
+]
+
+#: where the Debian package ``dataset-fashion-mnist`` puts Fashion-MNIST
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def default_data_path() -> str:
+    """``$VITQUANT_DATA`` or the Debian Fashion-MNIST folder."""
+    return os.environ.get("VITQUANT_DATA", FASHION_MNIST_DIR)
+
+
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--config YAML`` (a recipe whose keys set this command's option defaults)."""
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="recipe: a YAML mapping of option names to values, used as defaults "
+        "(command-line flags override it)",
+    )
+
+
+def load_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file that must hold a mapping.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or not a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise ConfigError(f"{p} is not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of option names to values")
+    return data
+
+
+def _convert(action: argparse.Action, value: Any) -> Any:
+    """Applies the option's type to string values (YAML reads ``1e-3`` as a string)."""
+    conv = action.type if callable(action.type) else None
+    if conv is None:
+        return value
+    if isinstance(value, list):
+        return [conv(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, str):
+        try:
+            return conv(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config value {value!r} for {action.dest} is invalid") from None
+    return value
+
+
+def apply_config_file(
+    parser: argparse.ArgumentParser,
+    subparser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+) -> argparse.Namespace:
+    """Re-parses ``argv`` with the defaults of ``args.config`` (if the command has one).
+
+    Args:
+        parser: the top-level parser.
+        subparser: the sub-command's parser (its defaults are set).
+        args: the first parse.
+        argv: the command line (without the program name).
+
+    Returns:
+        ``args`` unchanged without ``--config``, else the re-parsed namespace.
+
+    Raises:
+        ConfigError: unknown option names (with the closest ones) or invalid values.
+    """
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    data = load_yaml_mapping(path)
+    command = getattr(args, "command", None)
+    if command and isinstance(data.get(command), dict):
+        data = data[command]
+    actions = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, list(actions), n=3)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ConfigError(f"{path}: unknown option {key!r}{hint}")
+        values[dest] = _convert(actions[dest], value)
+    subparser.set_defaults(**values)
+    return parser.parse_args(list(argv))
+
+
+def add_data_args(
+    parser: argparse.ArgumentParser | Any,
+    *,
+    data_default: str | None = None,
+    batch_size: int = 256,
+) -> None:
+    """Adds ``--data-path``, ``--img-size``, ``--batch-size``."""
+    parser.add_argument(
+        "--data-path",
+        default=data_default,
+        help="dataset name (digits) or folder (Fashion-MNIST IDX files, image folders)"
+        + (f"; default {data_default}" if data_default else ""),
+    )
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"batch size (default {batch_size})"
+    )
+
+
+def add_runtime_args(parser: argparse.ArgumentParser | Any) -> None:
+    """Adds ``--device`` and ``--num-workers``."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="data loader worker processes (default 0)"
+    )
+
+
+def print_metrics(metrics: dict[str, Any], title: str = "") -> None:
+    """One line: ``<title> top-1 91.23% top-5 99.80% loss 0.2512 (10000 images)``."""
+    head = f"{title} " if title else ""
+    parts = [f"top-1 {metrics['top1']:.2f}%", f"top-5 {metrics['top5']:.2f}%"]
+    if metrics.get("loss") is not None:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if metrics.get("images") is not None:
+        parts.append(f"({metrics['images']} images)")
+    print(head + " ".join(parts), flush=True)

@@ -1,0 +1,203 @@
+"""The QAT ablation of ``docs/qat.md``: LSQ, Q-ViT (± IRM, ± DGD), VVTQ (± regulariser,
+± freezing) and FasterTransformer QAT on the demo model, each against float.
+
+Every row is one :func:`~vitquant.qat.run.run_qat` run (so one ``vitquant train`` command, printed
+with the row). Run it as ``python -m vitquant.qat.ablation --finetune <float run> --bits 4 2``;
+rows can run in parallel processes (``--jobs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+__all__ = ["ROWS", "row_command", "run_row", "float_and_ptq", "main"]
+
+#: row name -> (method, method options); bits are added per table
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lsq": ("lsq", {}),
+    "qvit": ("qvit", {}),
+    "qvit-no-irm": ("qvit", {"irm": False}),
+    "qvit-no-dgd": ("qvit", {"dgd": False}),
+    "qvit-no-irm-no-dgd": ("qvit", {"irm": False, "dgd": False}),
+    "vvtq": ("vvtq", {"reg": True}),
+    "vvtq-no-reg": ("vvtq", {"reg": False}),
+    "vvtq-no-freeze": ("vvtq", {"reg": True, "freeze": False}),
+    "vvtq-no-reg-no-freeze": ("vvtq", {"reg": False, "freeze": False}),
+    "vvtq-reg100-no-freeze": ("vvtq", {"reg": True, "reg_max": 100.0, "freeze": False}),
+    "ft-qat": ("ft-qat", {}),
+}
+
+
+def _flag(k: str, v: Any) -> str:
+    name = "--" + k.replace("_", "-")
+    if isinstance(v, bool):
+        return name if v else "--no-" + k.replace("_", "-")
+    return f"{name} {v}"
+
+
+def row_command(method: str, opts: dict[str, Any], finetune: str, train: dict[str, Any]) -> str:
+    """The ``vitquant train`` command equivalent to a row."""
+    from .run import FT_QAT_DEFAULTS, QAT_DEFAULTS
+
+    base = FT_QAT_DEFAULTS if method == "ft-qat" else QAT_DEFAULTS
+    parts = [
+        "vitquant train --model vit_micro_patch7_28",
+        f"--method {method}",
+        f"--finetune {finetune}",
+    ]
+    parts += [_flag(k, v) for k, v in {**base, **train}.items()]
+    parts += [_flag(k, v) for k, v in opts.items()]
+    return " ".join(parts)
+
+
+def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]:
+    """Runs one row at ``bits`` (weights and activations; ft-qat: 8) and returns its record."""
+    from .run import run_qat
+
+    method, opts = ROWS[name]
+    b = 8 if method == "ft-qat" else bits
+    opts = {"wbits": b, "abits": b, **opts}
+    res = run_qat(method, finetune, method_args=opts, name=f"{name}-w{b}a{b}", **train)
+    log_path = os.path.join(res["experiment"], "log.jsonl")
+    epochs = [json.loads(line) for line in open(log_path)]
+    osc = [round(r["osc_pct"], 3) for r in epochs if "osc_pct" in r]
+    frozen = [round(r["frozen_pct"], 3) for r in epochs if "frozen_pct" in r]
+    cmd_train = {k: v for k, v in train.items() if k not in ("output", "quiet", "amp", "device")}
+    return {
+        "row": name,
+        "bits": b,
+        "top1": res["top1"],
+        "osc_pct_per_epoch": osc,
+        "frozen_pct_per_epoch": frozen,
+        "command": row_command(method, opts, finetune, cmd_train),
+        "train_time_s": res["train_time_s"],
+    }
+
+
+def float_and_ptq(
+    finetune: str, model: str, data_path: str, device: str, eval_subset: int = 0
+) -> dict[str, float]:
+    """Top-1 of the float checkpoint and of its ft2 W8A8 PTQ (percentile 99.99, 10 batches)."""
+    import torch
+
+    from .. import data as D
+    from ..models import create_model
+    from ..quant import QuantConfig, calibrate, prepare
+    from ..train.build import load_finetune
+    from ..train.data import eval_loader, model_img_size
+    from ..train.engine import evaluate
+
+    info = D.dataset_info(data_path)
+    net = create_model(model, num_classes=info.num_classes, in_chans=info.in_chans)
+    load_finetune(net, finetune, model)
+    dev = torch.device(device)
+    net.to(dev)
+    size = model_img_size(net)
+    ev_set = D.build_dataset(data_path, "val", img_size=size, train_transform=False)
+    if eval_subset:
+        ev_set = D.subset(ev_set, eval_subset, seed=0)
+    ev = eval_loader(ev_set, 256)
+    top_float = evaluate(net, ev, dev)["top1"]
+    cal = D.build_dataset(data_path, "train", img_size=size, train_transform=False)
+    calib = torch.utils.data.DataLoader(cal, batch_size=32, shuffle=False)
+    prepare(net, QuantConfig(preset="ft2", wbits=8, abits=8, calibrator="percentile"))
+    calibrate(net, calib, num_batches=10, progress=False)
+    return {"float": top_float, "ptq_ft2_w8a8": evaluate(net, ev, dev)["top1"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--finetune", required=True)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    p.add_argument("--rows", nargs="+", default=list(ROWS))
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-subset", type=int, default=0)
+    p.add_argument("--eval-subset", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--output", default="runs/qat-ablation")
+    p.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--one", nargs=2, metavar=("ROW", "BITS"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    train = dict(
+        epochs=a.epochs,
+        train_subset=a.train_subset,
+        eval_subset=a.eval_subset,
+        batch_size=a.batch_size,
+        device=a.device,
+        amp=False,
+        output=a.output,
+        data_path=a.data_path,
+    )
+    if a.one:
+        rec = run_row(a.one[0], int(a.one[1]), a.finetune, **train)
+        print(json.dumps(rec), flush=True)
+        return 0
+    jobs = [
+        (r, b) for b in a.bits for r in a.rows if not (ROWS[r][0] == "ft-qat" and b != a.bits[0])
+    ]
+    records: list[dict[str, Any]] = []
+    procs: list[subprocess.Popen] = []
+    base = [
+        sys.executable,
+        "-m",
+        "vitquant.qat.ablation",
+        "--finetune",
+        a.finetune,
+        "--epochs",
+        str(a.epochs),
+        "--train-subset",
+        str(a.train_subset),
+        "--eval-subset",
+        str(a.eval_subset),
+        "--batch-size",
+        str(a.batch_size),
+        "--device",
+        a.device,
+        "--output",
+        a.output,
+        "--data-path",
+        a.data_path,
+    ]
+    pending = list(jobs)
+    while pending or procs:
+        while pending and len(procs) < max(1, a.jobs):
+            r, b = pending.pop(0)
+            procs.append(
+                subprocess.Popen(base + ["--one", r, str(b)], stdout=subprocess.PIPE, text=True)
+            )
+        done = procs.pop(0)
+        out, _ = done.communicate()
+        for line in out.splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+                print(line, flush=True)
+    extra = float_and_ptq(
+        a.finetune,
+        "vit_micro_patch7_28",
+        a.data_path,
+        "cuda" if a.device in ("auto", "cuda") and _cuda() else "cpu",
+        a.eval_subset,
+    )
+    print(json.dumps(extra), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": records, **extra}, f, indent=1)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

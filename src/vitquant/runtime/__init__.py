@@ -1,0 +1,53 @@
+"""Real int8 inference: integer GEMM kernels, integer modules and :func:`lower`.
+
+Typical use::
+
+    from vitquant.quant import QuantConfig, prepare, calibrate
+    from vitquant.runtime import lower
+    model = calibrate(prepare(model, QuantConfig(preset="ft1")), loader)
+    lower(model)                      # in place: int8 GEMMs (oneDNN on CPU, _int_mm on CUDA)
+    logits = model(images)
+
+See ``docs/int8.md`` for the kernels, the fused blocks and measured speeds.
+"""
+
+from __future__ import annotations
+
+from .fused import Int8Attention, Int8Block, Int8Mlp
+from .kernels import (
+    BACKENDS,
+    ActQ,
+    PackedWeight,
+    check_backend,
+    default_backend,
+    int8_bmm,
+    int8_linear,
+    onednn_available,
+    quantize_act,
+)
+from .lower import is_lowered, lower, lowering_report, uncalibrated_quantizers
+from .modules import Int8Linear, Int8MatMul
+from .speed import measure_speedup, weight_bytes
+
+__all__ = [
+    "lower",
+    "lowering_report",
+    "is_lowered",
+    "uncalibrated_quantizers",
+    "measure_speedup",
+    "weight_bytes",
+    "BACKENDS",
+    "ActQ",
+    "PackedWeight",
+    "check_backend",
+    "default_backend",
+    "onednn_available",
+    "quantize_act",
+    "int8_linear",
+    "int8_bmm",
+    "Int8Linear",
+    "Int8MatMul",
+    "Int8Attention",
+    "Int8Mlp",
+    "Int8Block",
+]

@@ -1,0 +1,347 @@
+"""Fused integer transformer blocks: activations stay quantized between the ops of a block.
+
+A pre-norm ViT block (timm / vitquant ``Block``: ``norm1, attn, ls1, drop_path1, add1, norm2,
+mlp, ls2, drop_path2, add2``) lowered op by op spends much of its time quantizing float
+activations in separate passes. :class:`Int8Block` removes most of them, in the way PyTorch
+Inductor's x86 int8 path and FasterTransformer's int8 ViT kernels do:
+
+* ``qkv``: when the GEMM output is float in the fake-quant model (ft1), the q/k/v quantizer scales
+  are folded into the per-channel requantization of the GEMM epilogue, so the kernel writes the
+  int8 codes of ``q·scale``, ``k`` and ``v`` directly;
+* ``q·kᵀ`` and ``attn·v`` run as int8 GEMMs per head with int32 accumulation; the ``attn·v``
+  result is rescaled and quantized for ``proj`` in one pass;
+* ``proj`` and ``fc2`` add the residual in their epilogue (when the residual adds are not
+  quantized), LayerScale is folded into their output scales;
+* ``fc1`` applies GELU in its epilogue and requantizes straight to ``fc2``'s input grid (when it
+  has no after-GEMM quantizer), so the 4x wider hidden activation only exists as uint8.
+
+Everything the fused path cannot express (log2 softmax quantizers, quantized residual adds,
+after-GEMM quantizers before GELU) falls back to the block's own modules for that op, so the
+function computed is always the fake-quant model's, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kernels import ActQ, int8_bmm, quantize_act
+from .modules import Int8Linear, Int8MatMul, _is_active
+
+__all__ = ["Int8Attention", "Int8Mlp", "Int8Block", "LayerNormQuant", "block_unsupported"]
+
+_BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "add1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def _identity_like(m: nn.Module | None) -> bool:
+    """Modules that are the identity at inference (Identity, Dropout, DropPath)."""
+    if m is None or isinstance(m, (nn.Identity, nn.Dropout)):
+        return True
+    return type(m).__name__ == "DropPath"
+
+
+def _layer_scale(m: nn.Module) -> Tensor | None | bool:
+    """None for identity, the gamma of a LayerScale, False for anything else."""
+    if _identity_like(m):
+        return None
+    gamma = getattr(m, "gamma", None)
+    if isinstance(gamma, Tensor) and type(m).__name__ == "LayerScale":
+        return gamma.detach().float()
+    return False
+
+
+def _plain_add(m: nn.Module | None) -> bool:
+    """True when a residual add has no active quantizer (it can go into a GEMM epilogue)."""
+    if m is None:
+        return False
+    return not any(_is_active(getattr(m, s, None)) for s in ("a_quantizer", "b_quantizer"))
+
+
+def block_unsupported(block: nn.Module) -> str:
+    """Why ``block`` cannot become an :class:`Int8Block` ("" when it can)."""
+    for attr in _BLOCK_ATTRS:
+        if not hasattr(block, attr):
+            return f"not a pre-norm block (no {attr})"
+    attn = block.attn
+    for attr in ("qkv", "qk_matmul", "softmax", "av_matmul", "proj", "num_heads", "head_dim"):
+        if not hasattr(attn, attr):
+            return f"attention has no {attr}"
+    if getattr(attn, "gate", None) is not None:
+        return "gated attention"
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        return "attention output norm"
+    if not (_identity_like(attn.q_norm) and _identity_like(attn.k_norm)):
+        return "q/k norms"
+    for attr in ("fc1", "act", "fc2"):
+        if not hasattr(block.mlp, attr):
+            return f"MLP has no {attr}"
+    for ls in (block.ls1, block.ls2):
+        if _layer_scale(ls) is False:
+            return f"unsupported layer scale {type(ls).__name__}"
+    return ""
+
+
+class Int8Attention(nn.Module):
+    """Multi-head self-attention with int8 GEMMs (see the module docstring)."""
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        qkv: Int8Linear,
+        proj: Int8Linear,
+        backend: str,
+        proj_gamma: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = int(attn.num_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scale = float(attn.scale)
+        self.backend = backend
+        self.qkv, self.proj = qkv, proj
+        self.softmax = attn.softmax
+        self.qk_float, self.av_float = attn.qk_matmul, attn.av_matmul
+        self.qk, _ = Int8MatMul.from_quant(attn.qk_matmul, backend)
+        self.av, _ = Int8MatMul.from_quant(attn.av_matmul, backend)
+        # LayerScale after proj folded into its epilogue (only without an after-GEMM quantizer)
+        self.proj_scale: Tensor | None = None
+        self.proj_bias = proj.bias
+        if proj_gamma is not None:
+            self.proj_scale = proj.weight.scale * proj_gamma
+            self.proj_bias = None if proj.bias is None else proj.bias * proj_gamma
+        self._fold_qkv()
+        # probabilities are in [0, 1]: their codes need no clamp when 1 maps inside the grid
+        self.p_clamp = True
+        if self.av is not None:
+            a = self.av.a
+            self.p_clamp = not (
+                a.qmin <= a.zero_point and round(1 / a.scale) + a.zero_point <= a.qmax
+            )
+
+    def _fold_qkv(self) -> None:
+        """Prepares the qkv epilogue that writes q/k/v int8 codes directly (ft1)."""
+        self.qkv_codes: ActQ | None = None
+        qk, av = self.qk, self.av
+        if self.qkv.out_q is not None or qk is None or av is None:
+            return
+        sections = (qk.a, qk.b, av.b)
+        if any(s.zero_point or s.offset(torch.int8) for s in sections):
+            return
+        lo, hi = max(s.qmin for s in sections), min(s.qmax for s in sections)
+        if any((s.qmin, s.qmax) != (lo, hi) for s in sections):
+            return
+        c = self.num_heads * self.head_dim
+        if self.qkv.out_features != 3 * c:
+            return
+        div = torch.cat(
+            [torch.full((c,), s) for s in (qk.a.scale / self.scale, qk.b.scale, av.b.scale)]
+        ).to(self.qkv.weight.scale.device)
+        self.qkv_scale = self.qkv.weight.scale / div
+        self.qkv_bias = None if self.qkv.bias is None else self.qkv.bias / div
+        self.qkv_codes = ActQ(1.0, 0, lo, hi)
+
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, xq: Tensor | None = None
+    ) -> Tensor:
+        """Attention of ``x`` (float ``[B, N, C]``); ``xq``: its codes if already quantized;
+        ``residual``: added to the output in the ``proj`` epilogue."""
+        b, n, c = x.shape
+        h, d = self.num_heads, self.head_dim
+        if xq is None:
+            xq = self.qkv.quantize_input(x)
+        qk, av = self.qk, self.av
+        if self.qkv_codes is not None and qk is not None and av is not None:
+            codes = self.qkv.forward_codes(
+                xq, bias=self.qkv_bias, out=self.qkv_codes, out_dtype=torch.int8,
+                w_scale=self.qkv_scale,
+            )  # fmt: skip
+            codes = codes.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+            q8, k8, v8 = codes[0], codes[1], codes[2].contiguous()
+            scores = int8_bmm(q8, 0, k8.transpose(-2, -1), 0, self.backend)
+            attn = torch.mul(scores, qk.a.scale * qk.b.scale).float()
+        else:
+            qkv = self.qkv.float_from_codes(xq).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            if qk is not None:
+                attn = qk(q * self.scale, k.transpose(-2, -1))
+            else:
+                attn = self.qk_float(q * self.scale, k.transpose(-2, -1))
+            v8 = None
+        if qk is not None and qk.output_quantizer is not None:
+            attn = qk.output_quantizer(attn)
+        attn = self.softmax(attn)
+        if av is not None and av.output_quantizer is None:
+            pq = quantize_act(attn, av.a, torch.int8, clamp=self.p_clamp)
+            a_zp = av.a.zero_point + av.a.offset(torch.int8)
+            if v8 is None:
+                v8 = quantize_act(v, av.b, torch.int8).contiguous()
+                v_zp = av.b.zero_point + av.b.offset(torch.int8)
+            else:
+                v_zp = 0
+            acc = int8_bmm(pq, a_zp, v8, v_zp, self.backend)
+            pa = self.proj.act
+            shift = pa.zero_point + pa.offset(self.proj.dtype)
+            # (acc * s_p * s_v) / s_proj + zero point + storage offset in one pass
+            o = torch.add(self._shift(shift, acc), acc, alpha=av.a.scale * av.b.scale / pa.scale)
+            oq = quantize_act(
+                o.transpose(1, 2), pa, self.proj.dtype, scaled=True, shifted=True, offset_in=True
+            ).reshape(b, n, c)
+        else:
+            if v8 is not None:  # v was produced as codes: dequantize for the float matmul
+                v = v8.float() * av.b.scale  # type: ignore[union-attr]
+            o = (av or self.av_float)(attn, v).transpose(1, 2).reshape(b, n, c)
+            oq = self.proj.quantize_input(o)
+        return self._proj(oq, residual)
+
+    @staticmethod
+    def _shift(value: int, like: Tensor) -> Tensor:
+        """A 0-d float tensor (float64 beside the reference backend's float64 products)."""
+        dtype = torch.float64 if like.is_floating_point() else torch.float32
+        return torch.tensor(float(value), dtype=dtype, device=like.device)
+
+    def _proj(self, oq: Tensor, residual: Tensor | None) -> Tensor:
+        p = self.proj
+        if p.out_q is None:
+            return p.forward_codes(oq, bias=self.proj_bias, other=residual, w_scale=self.proj_scale)
+        codes = p.forward_codes(oq, out=p.out_q, out_dtype=torch.int8)
+        y = (codes.float() - p.out_q.zero_point) * p.out_q.scale
+        if p.bias is not None:
+            y = y + p.bias
+        return y if residual is None else residual + y
+
+
+class Int8Mlp(nn.Module):
+    """``fc1 -> GELU -> fc2`` with GELU and fc2's input quantization fused into fc1."""
+
+    def __init__(
+        self, mlp: nn.Module, fc1: Int8Linear, fc2: Int8Linear, fc2_gamma: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+        self.act = mlp.act
+        self.norm = getattr(mlp, "norm", nn.Identity())
+        approx = getattr(self.act, "approximate", None)
+        self.fuse_gelu = (
+            isinstance(self.act, nn.GELU)
+            and approx in ("none", "tanh")
+            and fc1.out_q is None
+            and isinstance(self.norm, nn.Identity)
+        )
+        self.gelu_approx = str(approx)
+        self.fc2_scale: Tensor | None = None
+        self.fc2_bias = fc2.bias
+        if fc2_gamma is not None:
+            self.fc2_scale = fc2.weight.scale * fc2_gamma
+            self.fc2_bias = None if fc2.bias is None else fc2.bias * fc2_gamma
+
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, xq: Tensor | None = None
+    ) -> Tensor:
+        """MLP of ``x``; ``xq``: its codes if already quantized; ``residual``: added in the
+        ``fc2`` epilogue."""
+        fc1, fc2 = self.fc1, self.fc2
+        if xq is None:
+            xq = fc1.quantize_input(x)
+        if self.fuse_gelu:
+            hq = fc1.forward_codes(
+                xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx,
+                out=fc2.act, out_dtype=fc2.dtype,
+            )  # fmt: skip
+        else:
+            hidden = fc1.float_from_codes(xq)
+            hq = fc2.quantize_input(self.norm(self.act(hidden)))
+        if fc2.out_q is None:
+            return fc2.forward_codes(hq, bias=self.fc2_bias, other=residual, w_scale=self.fc2_scale)
+        codes = fc2.forward_codes(hq, out=fc2.out_q, out_dtype=torch.int8)
+        y = (codes.float() - fc2.out_q.zero_point) * fc2.out_q.scale
+        if fc2.bias is not None:
+            y = y + fc2.bias
+        return y if residual is None else residual + y
+
+
+class Int8Block(nn.Module):
+    """A pre-norm transformer block on int8 kernels (LayerNorms and softmax stay float).
+
+    Build with :meth:`from_block`; the LayerNorms, softmax and quantized residual adds are the
+    original modules (with their fake quantizers, if any).
+    """
+
+    def __init__(self, block: nn.Module, attn: Int8Attention, mlp: Int8Mlp) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = block.norm1, block.norm2
+        self.attn, self.mlp = attn, mlp
+        self.add1, self.add2 = block.add1, block.add2
+        self.fuse_add1 = _plain_add(block.add1) and attn.proj.out_q is None
+        self.fuse_add2 = _plain_add(block.add2) and mlp.fc2.out_q is None
+        self.gamma1, self.gamma2 = _layer_scale(block.ls1), _layer_scale(block.ls2)
+        self.ln1 = (
+            LayerNormQuant(block.norm1, attn.qkv) if LayerNormQuant.supported(block.norm1) else None
+        )
+        self.ln2 = (
+            LayerNormQuant(block.norm2, mlp.fc1) if LayerNormQuant.supported(block.norm2) else None
+        )
+
+    @classmethod
+    def from_block(cls, block: nn.Module, backend: str) -> tuple[Int8Block | None, str]:
+        """The fused integer block, or ``(None, reason)`` when it cannot be built."""
+        why = block_unsupported(block)
+        if why:
+            return None, why
+        a, m = block.attn, block.mlp
+        layers = {}
+        for name, mod in (("qkv", a.qkv), ("proj", a.proj), ("fc1", m.fc1), ("fc2", m.fc2)):
+            lin, why = Int8Linear.from_quant(mod, backend)
+            if lin is None:
+                return None, f"{name}: {why}"
+            layers[name] = lin
+        g1, g2 = _layer_scale(block.ls1), _layer_scale(block.ls2)
+        g1 = g1 if isinstance(g1, Tensor) and layers["proj"].out_q is None else None
+        g2 = g2 if isinstance(g2, Tensor) and layers["fc2"].out_q is None else None
+        attn = Int8Attention(a, layers["qkv"], layers["proj"], backend, g1)
+        mlp = Int8Mlp(m, layers["fc1"], layers["fc2"], g2)
+        new = cls(block, attn, mlp)
+        # gammas folded into the epilogue are not applied again
+        new.folded1, new.folded2 = g1 is not None, g2 is not None
+        return new, ""
+
+    def _branch_scale(self, y: Tensor, gamma: Tensor | None | bool, folded: bool) -> Tensor:
+        return y * gamma if isinstance(gamma, Tensor) and not folded else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        hq = self.ln1(x) if self.ln1 is not None else None
+        h = x if hq is not None else self.norm1(x)
+        if self.fuse_add1 and (self.gamma1 is None or self.folded1):
+            x = self.attn(h, residual=x, xq=hq)
+        else:
+            x = self.add1(x, self._branch_scale(self.attn(h, xq=hq), self.gamma1, self.folded1))
+        hq = self.ln2(x) if self.ln2 is not None else None
+        h = x if hq is not None else self.norm2(x)
+        if self.fuse_add2 and (self.gamma2 is None or self.folded2):
+            return self.mlp(h, residual=x, xq=hq)
+        return self.add2(x, self._branch_scale(self.mlp(h, xq=hq), self.gamma2, self.folded2))
+
+
+class LayerNormQuant(nn.Module):
+    """``LayerNorm`` followed by quantization, with ``1 / scale`` and the zero point folded into
+    the LayerNorm's affine parameters (one float pass fewer than normalise-then-quantize)."""
+
+    def __init__(self, norm: nn.LayerNorm, lin: Int8Linear) -> None:
+        super().__init__()
+        a = lin.act
+        c = norm.normalized_shape
+        w = norm.weight.detach().float() if norm.weight is not None else torch.ones(c)
+        bias = norm.bias.detach().float() if norm.bias is not None else torch.zeros(c)
+        self.shape, self.eps, self.act, self.dtype = tuple(c), float(norm.eps), a, lin.dtype
+        self.register_buffer("weight", w / a.scale)
+        self.register_buffer("bias", bias / a.scale + a.zero_point + a.offset(lin.dtype))
+
+    @staticmethod
+    def supported(norm: nn.Module) -> bool:
+        """Plain LayerNorms (a QuantLayerNorm only while its input quantizer is off)."""
+        if not isinstance(norm, nn.LayerNorm):
+            return False
+        return not _is_active(getattr(norm, "input_quantizer", None))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        return quantize_act(y, self.act, self.dtype, scaled=True, shifted=True, offset_in=True)
