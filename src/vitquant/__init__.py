@@ -9,7 +9,21 @@ export and real int8 inference, behind one quantizer interface.
 from __future__ import annotations
 
 from .errors import CheckpointError, ConfigError, DataError, VitquantError
+from .export.io import load_quantized, save_quantized
 from .models import create_model, list_models, register_model
+from .quant import (
+    QuantConfig,
+    calibrate,
+    compute_amax,
+    enable_quantization,
+    format_summary,
+    load_calibrated,
+    prepare,
+    quant_summary,
+    quantization_disabled,
+    save_calibrated,
+)
+from .runtime import lower, lowering_report, measure_speedup
 
 __version__ = "0.1.0"
 
@@ -22,4 +36,19 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "QuantConfig",
+    "prepare",
+    "calibrate",
+    "compute_amax",
+    "quant_summary",
+    "format_summary",
+    "enable_quantization",
+    "quantization_disabled",
+    "save_calibrated",
+    "load_calibrated",
+    "save_quantized",
+    "load_quantized",
+    "lower",
+    "lowering_report",
+    "measure_speedup",
 ]

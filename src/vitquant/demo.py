@@ -226,3 +226,5 @@ def format_table(rows: list[DemoRow]) -> str:
             f"{r.name:<22} {r.top1:>8.2f} {delta:>8} {top5:>8} {size:>9} {secs:>8}  {r.note}"
         )
     return "\n".join(lines)
+
+from . import demo_quant as _demo_quant  # noqa: E402,F401  (registers the quantization rows)

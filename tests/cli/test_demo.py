@@ -41,6 +41,13 @@ def test_demo_runs_and_reuses_the_float_model(fake_fashion: Path, tmp_path: Path
     )
     rows = run_demo(cfg)
     assert rows[0].name == "float32" and 0 <= rows[0].top1 <= 100 and rows[0].seconds
+    names = [r.name for r in rows]
+    assert "PTQ W8A8 ft1" in names and "PTQ W4A4 ViT-specific" in names
+    int8 = rows[names.index("int8 runtime W8A8 ft1")]
+    assert "x vs float32" in int8.note and 0 <= int8.top1 <= 100
+    for r in rows[1:]:
+        assert r.size_mb is not None and r.size_mb < rows[0].size_mb
+    cfg.steps = ["float"]
     again = run_demo(cfg)
     assert again[0].top1 == rows[0].top1 and again[0].seconds is None
     assert "cached" in again[0].note
