@@ -8,6 +8,7 @@ export and real int8 inference, behind one quantizer interface.
 
 from __future__ import annotations
 
+from . import qat as _qat  # noqa: F401  (registers the Q-ViT / VVTQ model names)
 from .errors import CheckpointError, ConfigError, DataError, VitquantError
 from .export.io import load_quantized, save_quantized
 from .models import create_model, list_models, register_model

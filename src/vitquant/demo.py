@@ -227,4 +227,5 @@ def format_table(rows: list[DemoRow]) -> str:
         )
     return "\n".join(lines)
 
+
 from . import demo_quant as _demo_quant  # noqa: E402,F401  (registers the quantization rows)

@@ -9,6 +9,9 @@ QAT adds ``"lsq"``, ``"qvit"``, ``"vvtq"`` on the same base class.
 
 from __future__ import annotations
 
+from . import lsq as _lsq  # noqa: F401  (registers "lsq", "lsq+")
+from . import qvit as _qvit  # noqa: F401
+from . import vvtq as _vvtq  # noqa: F401
 from .base import QUANTIZERS, QParams, Quantizer, gran_from_dict, gran_str, gran_to_dict
 from .log2 import Log2Quantizer, Log2Sqrt2Quantizer
 from .uniform import UniformQuantizer
