@@ -237,7 +237,8 @@ def test_pos_embed_224_to_384_matches_timm(timm, tmp_path) -> None:
     _assert_same(ours.state_dict(), src.state_dict(), skip=("pos_embed",))
     # timm's whole filter on the same checkpoint gives the same dict
     tm = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=384)
-    theirs = timm.models.vision_transformer.checkpoint_filter_fn(torch.load(path), tm)
+    sd = torch.load(path, weights_only=True)
+    theirs = timm.models.vision_transformer.checkpoint_filter_fn(sd, tm)
     _assert_same(ours.state_dict(), theirs)
 
 

@@ -56,7 +56,8 @@ def test_fresh_process_identical_logits(tmp_path: Path) -> None:
     code = (
         "import torch, sys; from vitquant.quant import load_calibrated; "
         f"m = load_calibrated(r'{tmp_path / 'm.pth'}'); "
-        f"x = torch.load(r'{tmp_path / 'x.pt'}'); ref = torch.load(r'{tmp_path / 'ref.pt'}'); "
+        f"x = torch.load(r'{tmp_path / 'x.pt'}', weights_only=True); "
+        f"ref = torch.load(r'{tmp_path / 'ref.pt'}', weights_only=True); "
         "sys.exit(0 if torch.equal(m(x), ref) else 3)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(vitquant.__file__).parents[1])}
