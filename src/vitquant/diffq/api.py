@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_torch_save
 from ..errors import CheckpointError, ConfigError
 from .base import BaseQuantizer
 from .diffq import DiffQuantizer
@@ -77,19 +77,8 @@ def restore_quantized_state(model: nn.Module, state: dict[str, Any]) -> nn.Modul
 
 def save_quantized_state(quantizer: BaseQuantizer, path: str | os.PathLike) -> Path:
     """Saves ``quantizer.get_quantized_state(packed=True)`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = quantizer.get_quantized_state(packed=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(state, path)
 
 
 def load_quantized_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_torch_save
 from ..errors import CheckpointError, ConfigError
 from .api import get_config, prepare
 from .config import QuantConfig
@@ -66,18 +66,7 @@ def save_calibrated(
         "config": config.to_dict(),
         "state_dict": state,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_state_checked(model: nn.Module, state: dict[str, Any], source: str = "file") -> None:
