@@ -216,6 +216,27 @@ def test_safetensors_and_convert(tmp_path) -> None:
         convert_checkpoint(pth, tmp_path / "conv.pth")
 
 
+def test_convert_keeps_metadata_and_is_atomic(tmp_path, monkeypatch) -> None:
+    from safetensors import safe_open
+
+    src = _nano()
+    pth = tmp_path / "ck.pth"
+    torch.save(src.state_dict(), pth)
+    out = convert_checkpoint(pth, tmp_path / "conv.safetensors")
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt", "source": "ck.pth"}
+    before = out.read_bytes()
+
+    def crash(fd: int) -> None:  # the write dies before the rename
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        convert_checkpoint(pth, out)
+    assert out.read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth", "conv.safetensors"]
+
+
 def test_convert_npz(timm, tmp_path) -> None:
     src = _randomize(_timm_vit(timm, img_size=32, num_classes=10))
     path = tmp_path / "vit.npz"

@@ -286,7 +286,7 @@ def test_unsigned_calibrator_counts_negatives_as_zero():
 
 
 def test_bf16_and_large_batches_are_counted_exactly(monkeypatch):
-    import vitquant.quant.calibrators as C
+    import vitquant.quant.collectors as C
 
     monkeypatch.setattr(C, "_CHUNK", 1000)  # force several histc chunks
     x = _data("gaussian", 5_000)
@@ -496,19 +496,26 @@ def test_all_reduce_is_noop_without_process_group():
 
 _DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from vitquant.quant.calibrators import HistogramCalibrator, MaxCalibrator, MinMaxObserver
+from vitquant.quant.calibrators import (
+    HistogramCalibrator, HistogramObserver, MaxCalibrator, MinMaxObserver,
+)
 rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-g = torch.Generator().manual_seed(rank)
-cals = [HistogramCalibrator(), MaxCalibrator(axis=1), MinMaxObserver(axis=1)]
-if rank == 0:  # rank 1 sees no data at all
-    for s in (1.0, 5.0):
-        x = torch.randn(6, 4, generator=g) * s
-        for c in cals:
+g = torch.Generator().manual_seed(0)
+xs = [torch.randn(6, 4, generator=g) * s for s in (1.0, 5.0)]
+def make():
+    return [HistogramCalibrator(), MaxCalibrator(axis=1), MinMaxObserver(axis=1),
+            HistogramObserver(), MinMaxObserver()]
+solo, split = make(), make()
+if rank == 0:  # solo: rank 1 sees no data at all
+    for x in xs:
+        for c in solo:
             c.collect(x)
-for c in cals:
+for c in split:  # split: rank r sees batch r (rank 1's range is larger)
+    c.collect(xs[rank])
+for c in solo + split:
     c.all_reduce()
-torch.save([c.state_dict() for c in cals], out)
+torch.save([c.state_dict() for c in solo + split], out)
 dist.destroy_process_group()
 """
 
@@ -533,14 +540,23 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
     states = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(6, 4, generator=g) * s for s in (1.0, 5.0)]
-    ref = [HistogramCalibrator(), MaxCalibrator(axis=1), MinMaxObserver(axis=1)]
+    ref = [
+        HistogramCalibrator(),
+        MaxCalibrator(axis=1),
+        MinMaxObserver(axis=1),
+        HistogramObserver(),
+        MinMaxObserver(),
+    ]
     for x in xs:
         for c in ref:
             c.collect(x)
-    for r in range(2):  # every rank ends with the statistics of all the data
-        for want, got in zip(ref, states[r]):
+    for r in range(2):  # every rank ends with the statistics of all the data, however split
+        assert len(states[r]) == 2 * len(ref)
+        for i, got in enumerate(states[r]):
+            want = ref[i % len(ref)]
+            assert set(got) == set(want.state_dict())
             for k, v in want.state_dict().items():
-                assert torch.equal(v, got[k]), (r, type(want).__name__, k)
+                assert torch.equal(v, got[k]), (r, i, type(want).__name__, k)
 
 
 @pytest.mark.gpu

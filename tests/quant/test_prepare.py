@@ -296,3 +296,26 @@ def test_calibrate_under_torch_distributed(tmp_path) -> None:  # noqa: ANN001
         dist.destroy_process_group()
     for (n, a), (_, b) in zip(named_quantizers(ref_model), named_quantizers(model)):
         assert torch.equal(a.scale, b.scale), n
+
+
+def test_from_float_keeps_parameters_hooks_and_output() -> None:
+    from vitquant.models.layers import Add, MatMul
+    from vitquant.quant import QuantAdd, QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul
+
+    cases = [
+        (QuantLinear, nn.Linear(5, 3), (torch.randn(2, 5),)),
+        (QuantConv2d, nn.Conv2d(2, 4, 3), (torch.randn(1, 2, 6, 6),)),
+        (QuantLayerNorm, nn.LayerNorm(5), (torch.randn(2, 5),)),
+        (QuantMatMul, MatMul(), (torch.randn(2, 3, 4), torch.randn(2, 4, 5))),
+        (QuantAdd, Add(), (torch.randn(3), torch.randn(3))),
+    ]
+    for cls, m, inputs in cases:
+        want = m(*inputs)
+        params = dict(m.named_parameters())
+        seen: list[int] = []
+        m.register_forward_hook(lambda *a, seen=seen: seen.append(1))
+        q = cls.from_float(m)
+        assert q is m and type(q) is cls
+        assert dict(q.named_parameters()) == params  # the same Parameter objects
+        assert q.point_kinds() and all(getattr(q, slot) is None for slot in q.point_kinds())
+        assert torch.equal(q(*inputs), want) and seen == [1]

@@ -22,7 +22,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._atomic import atomic_write
 from ..errors import CheckpointError, ConfigError
 from .npz import find_google_prefix, google_to_state_dict
 
@@ -467,7 +467,7 @@ def convert_checkpoint(
     Returns:
         The output path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
     out = Path(dst).expanduser()
     if out.suffix != ".safetensors":
@@ -482,13 +482,5 @@ def convert_checkpoint(
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "source": Path(src).name})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    data = st_save(tensors, metadata={"format": "pt", "source": Path(src).name})
+    return atomic_write(out, lambda f: f.write(data))

@@ -23,7 +23,9 @@ For asymmetric activation ranges at evaluation time the observers live in
 here.
 
 Every collector skips gradients, raises :class:`NonFiniteError` on NaN/inf, and all-reduces its
-statistics across ``torch.distributed`` ranks (a no-op without a process group).
+statistics across ``torch.distributed`` ranks (a no-op without a process group). The protocol
+(:class:`Calibrator`) and the running statistics the calibrators and observers share (growth,
+state dicts, all-reduce) live in :mod:`vitquant.quant.collectors`.
 """
 
 from __future__ import annotations
@@ -32,10 +34,20 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError, VitquantError
+from ..errors import ConfigError
+from .collectors import (
+    CalibrationError,
+    Calibrator,
+    NonFiniteError,
+    PowerOfTwoHistogram,
+    RunningExtremes,
+    _finite,
+    _histc,
+    _no_data,
+    _pow2_at_least,
+)
 from .granularity import PerChannel
 from .primitives import check_bits, qrange, quantize
 
@@ -59,101 +71,31 @@ __all__ = [
 
 CALIBRATION_METHODS = ("max", "percentile", "mse", "entropy")
 MSE_START_BIN = 128
-_CHUNK = 1 << 24  # float32 histc counts stay exact below 2^24 per call
 _WORK = 1 << 21  # elements per vectorised block in the readers
 
 
-class CalibrationError(VitquantError):
-    """Calibration cannot produce a range (no data seen, or unusable data)."""
-
-
-class NonFiniteError(CalibrationError):
-    """The collected tensor holds NaN or inf; callers re-raise it with the module's name."""
-
-
-def _check_read(method: str, percentile: float, bits: int) -> None:
+def _check_method(method: str) -> None:
     if method not in CALIBRATION_METHODS:
         raise ConfigError(
             f"unknown calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}"
         )
+
+
+def _check_read(method: str, percentile: float, bits: int) -> None:
+    _check_method(method)
     if not 0.0 < float(percentile) <= 100.0:
         raise ConfigError(f"percentile={percentile!r} must be in (0, 100]")
     check_bits(bits)
 
 
-def _finite(value: float | Tensor, what: str = "calibration data") -> None:
-    ok = math.isfinite(value) if isinstance(value, float) else bool(torch.isfinite(value).all())
-    if not ok:
-        raise NonFiniteError(f"{what} contains NaN or inf")
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _dist_device(t: Tensor) -> torch.device:
-    if dist.get_backend() == "nccl" and t.device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return t.device
-
-
-def _no_data() -> CalibrationError:
-    return CalibrationError("calibration saw no data: call collect() on some batches first")
-
-
-class Calibrator:
-    """Base class: ``collect`` batches, then ``compute_amax``; state is a dict of plain tensors."""
-
-    def collect(self, x: Tensor) -> None:
-        """Accumulates statistics of ``x`` (detached, no gradient)."""
-        raise NotImplementedError
-
-    def compute_amax(
-        self,
-        method: str = "max",
-        *,
-        percentile: float = 99.99,
-        bits: int = 8,
-        unsigned: bool = False,
-    ) -> Tensor:
-        """Reads ``amax`` (a scalar, or a per-channel vector) with ``method``."""
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        """Forgets everything collected."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Statistics as plain tensors (for resuming or gathering)."""
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restores :meth:`state_dict`."""
-        raise NotImplementedError
-
-    def all_reduce(self) -> None:
-        """Combines statistics across ``torch.distributed`` ranks; no-op without a process group."""
-
-    @property
-    def count(self) -> int:
-        """Number of values collected so far."""
-        return int(getattr(self, "_count", 0))
-
-
-class MaxCalibrator(Calibrator):
+class MaxCalibrator(RunningExtremes):
     """Running ``max |x|``, per tensor (``axis=None``) or per channel (keeps ``axis``).
 
     Args:
         axis: channel axis to keep (per-channel amax); ``None`` for one scalar.
     """
 
-    def __init__(self, axis: int | None = None) -> None:
-        self.axis = axis
-        self.reset()
-
-    def reset(self) -> None:
-        self._amax: Tensor | None = None
-        self._count = 0
+    reductions = {"amax": "max"}
 
     @torch.no_grad()
     def collect(self, x: Tensor) -> None:
@@ -161,18 +103,7 @@ class MaxCalibrator(Calibrator):
         if x.numel() == 0:
             return
         a = x.abs().amax() if self.axis is None else PerChannel(self.axis).reduce_amax(x)
-        a = a.float()
-        _finite(a)
-        if self._amax is None:
-            self._amax = a
-        elif self._amax.shape != a.shape:
-            raise ConfigError(
-                f"MaxCalibrator(axis={self.axis}) saw {a.numel()} channels after "
-                f"{self._amax.numel()}"
-            )
-        else:
-            self._amax = torch.maximum(self._amax, a.to(self._amax.device))
-        self._count += x.numel()
+        self._update({"amax": a}, x.numel())
 
     def compute_amax(
         self,
@@ -187,65 +118,7 @@ class MaxCalibrator(Calibrator):
             raise ConfigError(
                 f"MaxCalibrator reads only 'max'; use make_calibrator({method!r}) for a histogram"
             )
-        if self._amax is None:
-            raise _no_data()
-        return self._amax.clone()
-
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {"count": torch.tensor(self._count, dtype=torch.int64)}
-        if self._amax is not None:
-            state["amax"] = self._amax.clone()
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self._count = int(state["count"])
-        amax = state.get("amax")
-        self._amax = None if amax is None else amax.detach().float().clone()
-
-    def all_reduce(self) -> None:
-        if not _dist_on():
-            return
-        dev = _dist_device(self._amax if self._amax is not None else torch.zeros(()))
-        meta = torch.tensor([-1 if self._amax is None else self._amax.numel()], device=dev)
-        dist.all_reduce(meta, op=dist.ReduceOp.MAX)
-        count = torch.tensor([self._count], dtype=torch.int64, device=dev)
-        dist.all_reduce(count)
-        self._count = int(count)
-        if int(meta) < 0:
-            return
-        if self._amax is None:
-            shape = () if self.axis is None else (int(meta),)
-            amax = torch.zeros(shape, device=dev)
-        else:
-            amax = self._amax.to(dev)
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-        self._amax = amax
-
-
-def _rebin(hist: Tensor, k: int, centre: int = 0) -> Tensor:
-    """Merges every ``k`` bins into one, keeping the edge at index ``centre`` fixed (exact)."""
-    if k == 1:
-        return hist
-    idx = torch.arange(hist.numel(), device=hist.device) - centre
-    idx = torch.div(idx, k, rounding_mode="floor") + centre
-    return torch.zeros_like(hist).index_add_(0, idx, hist)
-
-
-def _pow2_at_least(m: float) -> float:
-    r = 2.0 ** math.ceil(math.log2(m))
-    return r * 2.0 if r < m else r
-
-
-def _histc(a: Tensor, bins: int, lo: float, hi: float) -> Tensor:
-    """Exact int64 histogram of ``a`` over ``[lo, hi]`` (``torch.histc`` in exact-count chunks)."""
-    if not a.is_floating_point() or a.dtype in (torch.float16, torch.bfloat16):
-        a = a.float()
-    if a.numel() <= _CHUNK:
-        return torch.histc(a, bins=bins, min=lo, max=hi).round_().long()
-    out = torch.zeros(bins, dtype=torch.int64, device=a.device)
-    for part in a.reshape(-1).split(_CHUNK):
-        out += torch.histc(part, bins=bins, min=lo, max=hi).round_().long()
-    return out
+        return self._stat("amax")
 
 
 def _magnitude(x: Tensor, unsigned: bool) -> Tensor:
@@ -282,7 +155,7 @@ def _bins_cpu(x: Tensor, bins: int, rng: float, unsigned: bool, top: bool) -> Te
     return torch.bincount(idx.view(-1), minlength=bins)
 
 
-class HistogramCalibrator(Calibrator):
+class HistogramCalibrator(PowerOfTwoHistogram):
     """Histogram of ``|x|`` over ``[0, R]`` with ``num_bins`` bins; ``R`` a growing power of two.
 
     A batch costs a ``torch.aminmax`` pass (growth, NaN/inf check) and one binning pass
@@ -298,37 +171,8 @@ class HistogramCalibrator(Calibrator):
     """
 
     def __init__(self, num_bins: int = 2048, unsigned: bool = False) -> None:
-        if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 2:
-            raise ConfigError(f"num_bins={num_bins!r} must be an integer >= 2")
-        self.num_bins = int(num_bins)
         self.unsigned = bool(unsigned)
-        self.reset()
-
-    def reset(self) -> None:
-        self._hist = torch.zeros(self.num_bins, dtype=torch.int64)
-        self._range = 0.0  # upper edge R; 0 until a nonzero value arrives
-        self._count = 0
-
-    @property
-    def hist(self) -> Tensor:
-        """Bin counts (int64, ``[num_bins]``)."""
-        return self._hist
-
-    @property
-    def bin_edges(self) -> Tensor:
-        """``num_bins + 1`` edges (float64) from 0 to the current range."""
-        return torch.linspace(0.0, self._range, self.num_bins + 1, dtype=torch.float64)
-
-    def _absorb(self, hist: Tensor, rng: float, count: int) -> None:
-        """Adds a histogram with range ``rng`` (0 or a power of two), growing as needed."""
-        new = max(self._range, rng)
-        if self._range > 0 and new > self._range:
-            self._hist = _rebin(self._hist, round(new / self._range))
-        if rng > 0 and new > rng:
-            hist = _rebin(hist, round(new / rng))
-        self._range = new
-        self._hist = self._hist.to(hist.device) + hist
-        self._count += count
+        super().__init__(num_bins)
 
     @torch.no_grad()
     def collect(self, x: Tensor) -> None:
@@ -341,8 +185,7 @@ class HistogramCalibrator(Calibrator):
         rng = max(_pow2_at_least(m) if m > 0 else 0.0, self._range)
         n = x.numel()
         if rng == 0:
-            hist = torch.zeros(self.num_bins, dtype=torch.int64, device=x.device)
-            hist[0] = n
+            hist = self._zeros_hist(n, x.device)
         elif (
             x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -381,38 +224,6 @@ class HistogramCalibrator(Calibrator):
             bits=bits,
             unsigned=unsigned or self.unsigned,
         )
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "hist": self._hist.clone(),
-            "range": torch.tensor(self._range, dtype=torch.float64),
-            "count": torch.tensor(self._count, dtype=torch.int64),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        hist = state["hist"]
-        if hist.shape != (self.num_bins,):
-            raise CheckpointError(
-                f"histogram state has {hist.numel()} bins, this calibrator {self.num_bins}"
-            )
-        self._hist = hist.detach().long().clone()
-        self._range = float(state["range"])
-        self._count = int(state["count"])
-
-    def all_reduce(self) -> None:
-        if not _dist_on():
-            return
-        dev = _dist_device(self._hist)
-        rng_t = torch.tensor([self._range], dtype=torch.float64, device=dev)
-        dist.all_reduce(rng_t, op=dist.ReduceOp.MAX)
-        rng = float(rng_t)
-        hist = self._hist.to(dev)
-        if self._range > 0 and rng > self._range:
-            hist = _rebin(hist, round(rng / self._range))
-        dist.all_reduce(hist)
-        count = torch.tensor([self._count], dtype=torch.int64, device=dev)
-        dist.all_reduce(count)
-        self._hist, self._range, self._count = hist, rng, int(count)
 
 
 def amax_from_histogram(
@@ -535,10 +346,7 @@ def make_calibrator(method: str, *, axis: int | None = None, num_bins: int = 204
     Raises:
         ConfigError: unknown method, or ``axis`` with a histogram method (per tensor only).
     """
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(
-            f"unknown calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}"
-        )
+    _check_method(method)
     if method == "max":
         return MaxCalibrator(axis=axis)
     if axis is not None:

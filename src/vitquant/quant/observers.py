@@ -20,42 +20,34 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError
-from .calibrators import (
-    _WORK,
-    Calibrator,
-    _check_read,
-    _dist_device,
-    _dist_on,
+from ..errors import ConfigError
+from .calibrators import _WORK, _check_read
+from .collectors import (
+    PowerOfTwoHistogram,
+    RunningExtremes,
     _finite,
     _histc,
     _no_data,
     _pow2_at_least,
-    _rebin,
 )
 from .primitives import qparams_from_minmax, qrange, quantize
 
 __all__ = ["MinMaxObserver", "HistogramObserver"]
 
 
-class MinMaxObserver(Calibrator):
+class MinMaxObserver(RunningExtremes):
     """Running min and max (asymmetric ranges), per tensor or per channel (keeps ``axis``).
 
     :meth:`minmax` returns ``(min, max)``; :meth:`compute_amax` (``"max"`` only) returns
     ``max(-min, max)``.
+
+    Args:
+        axis: channel axis to keep (per-channel ranges); ``None`` for one range.
     """
 
-    def __init__(self, axis: int | None = None) -> None:
-        self.axis = axis
-        self.reset()
-
-    def reset(self) -> None:
-        self._min: Tensor | None = None
-        self._max: Tensor | None = None
-        self._count = 0
+    reductions = {"min": "min", "max": "max"}
 
     @torch.no_grad()
     def collect(self, x: Tensor) -> None:
@@ -67,25 +59,11 @@ class MinMaxObserver(Calibrator):
         else:
             axis = self.axis % x.dim()
             lo, hi = torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
-        lo, hi = lo.float(), hi.float()
-        _finite(torch.stack([lo, hi]))
-        if self._min is None or self._max is None:
-            self._min, self._max = lo, hi
-        elif self._min.shape != lo.shape:
-            raise ConfigError(
-                f"MinMaxObserver(axis={self.axis}) saw {lo.numel()} channels after "
-                f"{self._min.numel()}"
-            )
-        else:
-            self._min = torch.minimum(self._min, lo.to(self._min.device))
-            self._max = torch.maximum(self._max, hi.to(self._max.device))
-        self._count += x.numel()
+        self._update({"min": lo, "max": hi}, x.numel())
 
     def minmax(self) -> tuple[Tensor, Tensor]:
         """``(min, max)`` seen so far (float32 scalars, or per-channel vectors)."""
-        if self._min is None or self._max is None:
-            raise _no_data()
-        return self._min.clone(), self._max.clone()
+        return self._stat("min"), self._stat("max")
 
     def compute_amax(
         self,
@@ -101,40 +79,8 @@ class MinMaxObserver(Calibrator):
         lo, hi = self.minmax()
         return torch.maximum(-lo, hi)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {"count": torch.tensor(self._count, dtype=torch.int64)}
-        if self._min is not None and self._max is not None:
-            state["min"], state["max"] = self._min.clone(), self._max.clone()
-        return state
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self._count = int(state["count"])
-        self._min = state["min"].float().clone() if "min" in state else None
-        self._max = state["max"].float().clone() if "max" in state else None
-
-    def all_reduce(self) -> None:
-        if not _dist_on():
-            return
-        dev = _dist_device(self._min if self._min is not None else torch.zeros(()))
-        meta = torch.tensor([-1 if self._min is None else self._min.numel()], device=dev)
-        dist.all_reduce(meta, op=dist.ReduceOp.MAX)
-        count = torch.tensor([self._count], dtype=torch.int64, device=dev)
-        dist.all_reduce(count)
-        self._count = int(count)
-        if int(meta) < 0:
-            return
-        shape = () if self.axis is None else (int(meta),)
-        if self._min is None or self._max is None:
-            lo = torch.full(shape, math.inf, device=dev)
-            hi = torch.full(shape, -math.inf, device=dev)
-        else:
-            lo, hi = self._min.to(dev), self._max.to(dev)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        self._min, self._max = lo, hi
-
-
-class HistogramObserver(Calibrator):
+class HistogramObserver(PowerOfTwoHistogram):
     """Signed histogram over ``[-R, R]`` for asymmetric ranges (``--act-method histogram``).
 
     ``R`` is a growing power of two and zero is the edge between bins ``n/2 - 1`` and ``n/2``, so
@@ -156,27 +102,11 @@ class HistogramObserver(Calibrator):
         num_bins: an even number of bins.
     """
 
-    def __init__(self, num_bins: int = 2048) -> None:
-        if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 2 or num_bins % 2:
-            raise ConfigError(f"num_bins={num_bins!r} must be an even integer >= 2")
-        self.num_bins = int(num_bins)
-        self.reset()
+    signed_bins = True
 
     def reset(self) -> None:
-        self._hist = torch.zeros(self.num_bins, dtype=torch.int64)
-        self._range = 0.0
+        super().reset()
         self._min, self._max = math.inf, -math.inf
-        self._count = 0
-
-    @property
-    def hist(self) -> Tensor:
-        """Bin counts (int64, ``[num_bins]``)."""
-        return self._hist
-
-    @property
-    def bin_edges(self) -> Tensor:
-        """``num_bins + 1`` edges (float64) from ``-R`` to ``R``."""
-        return torch.linspace(-self._range, self._range, self.num_bins + 1, dtype=torch.float64)
 
     @torch.no_grad()
     def collect(self, x: Tensor) -> None:
@@ -187,18 +117,12 @@ class HistogramObserver(Calibrator):
         _finite(lo + hi)
         m = max(-lo, hi)
         rng = max(_pow2_at_least(m) if m > 0 else 0.0, self._range)
-        half = self.num_bins // 2
         if rng > 0:
             hist = _histc(x, self.num_bins, -rng, rng)
         else:
-            hist = torch.zeros(self.num_bins, dtype=torch.int64, device=x.device)
-            hist[half] = x.numel()
-        if self._range > 0 and rng > self._range:
-            self._hist = _rebin(self._hist, round(rng / self._range), half)
-        self._hist = self._hist.to(hist.device) + hist
-        self._range = rng
+            hist = self._zeros_hist(x.numel(), x.device)
+        self._absorb(hist, rng, x.numel())
         self._min, self._max = min(self._min, lo), max(self._max, hi)
-        self._count += x.numel()
 
     def minmax(
         self, method: str = "mse", *, percentile: float = 99.99, bits: int = 8
@@ -237,39 +161,20 @@ class HistogramObserver(Calibrator):
         return torch.maximum(-lo, hi)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "hist": self._hist.clone(),
-            "range": torch.tensor(self._range, dtype=torch.float64),
-            "min": torch.tensor(self._min, dtype=torch.float64),
-            "max": torch.tensor(self._max, dtype=torch.float64),
-            "count": torch.tensor(self._count, dtype=torch.int64),
-        }
+        state = super().state_dict()
+        state["min"] = torch.tensor(self._min, dtype=torch.float64)
+        state["max"] = torch.tensor(self._max, dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state["hist"].shape != (self.num_bins,):
-            raise CheckpointError(
-                f"histogram state has {state['hist'].numel()} bins, this observer {self.num_bins}"
-            )
-        self._hist = state["hist"].detach().long().clone()
-        self._range = float(state["range"])
+        super().load_state_dict(state)
         self._min, self._max = float(state["min"]), float(state["max"])
-        self._count = int(state["count"])
 
-    def all_reduce(self) -> None:
-        if not _dist_on():
-            return
-        dev = _dist_device(self._hist)
-        stats = torch.tensor([self._range, -self._min, self._max], dtype=torch.float64, device=dev)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        rng = float(stats[0])
-        hist = self._hist.to(dev)
-        if self._range > 0 and rng > self._range:
-            hist = _rebin(hist, round(rng / self._range), self.num_bins // 2)
-        dist.all_reduce(hist)
-        count = torch.tensor([self._count], dtype=torch.int64, device=dev)
-        dist.all_reduce(count)
-        self._hist, self._range = hist, rng
-        self._min, self._max, self._count = -float(stats[1]), float(stats[2]), int(count)
+    def _maxed(self) -> list[float]:
+        return [-self._min, self._max]
+
+    def _set_maxed(self, values: list[float]) -> None:
+        self._min, self._max = -values[0], values[1]
 
 
 def _affine_err(lo: Tensor, hi: Tensor, c: Tensor, w: Tensor, bits: int) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .quantizers import Quantizer
-from .quantizers.base import gran_str
+from .quantizers.base import gran_str, quantizer_name
 
 __all__ = ["quant_summary", "format_summary"]
 
@@ -20,7 +20,9 @@ def quant_summary(model: nn.Module) -> list[dict[str, Any]]:
     """One dict per quantizer of ``model``.
 
     Keys: ``name`` (module path), ``kind`` (``"weight"``/``"activation"``), ``point`` (point kind),
-    ``quantizer`` (``uniform``/``log2``/...), ``bits``, ``signed``, ``symmetric``,
+    ``quantizer`` (the name it is registered under in ``QUANTIZERS``: ``uniform``, ``log2``,
+    ``lsq``, ``qvit``, ...), ``grid`` (its integer grid, ``QParams.kind``: ``uniform``, ``log2``
+    or ``log2_sqrt2``), ``bits``, ``signed``, ``symmetric``,
     ``granularity``, ``enabled``, ``calibrated``, ``amax`` (float, list per channel, or None),
     ``amin`` (asymmetric only), ``scale``, ``zero_point`` (float or list, None if uncalibrated),
     ``range`` (short text).
@@ -40,7 +42,8 @@ def quant_summary(model: nn.Module) -> list[dict[str, Any]]:
                 "name": name,
                 "kind": "weight" if m.role == "weight" else "activation",
                 "point": getattr(m, "point", ""),
-                "quantizer": m.kind,
+                "quantizer": quantizer_name(m),
+                "grid": m.kind,
                 "bits": m.bits,
                 "signed": m.signed,
                 "symmetric": m.symmetric,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ...models.layers import Add
 from .base import QuantModule, apply_q
-from .linear import QuantLinear
+from .linear import QuantLinear, linear_aftergemm
 from .ops import QuantAdd, QuantMatMul, QuantSoftmax
 
 __all__ = [
@@ -164,22 +164,16 @@ class QuantMultiheadAttention(nn.MultiheadAttention, QuantModule):
         """Turns ``m`` into a :class:`QuantMultiheadAttention` in place and returns it."""
         if not cls.supported(m):
             raise ValueError("this nn.MultiheadAttention uses features that cannot be quantized")
-        m.__class__ = cls
-        assert isinstance(m, QuantMultiheadAttention)
-        m.init_slots()
-        QuantLinear.from_float(m.out_proj)
-        m.qk_matmul = QuantMatMul("qk")
-        m.softmax = QuantSoftmax(dim=-1)
-        m.av_matmul = QuantMatMul("av")
-        return m
+        new = super().from_float(m)
+        QuantLinear.from_float(new.out_proj)
+        new.qk_matmul = QuantMatMul("qk")
+        new.softmax = QuantSoftmax(dim=-1)
+        new.av_matmul = QuantMatMul("av")
+        return new
 
     def _project(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         x = apply_q(self.in_proj_input_quantizer, x)
-        oq = self.in_proj_output_quantizer
-        if oq is None or not (oq.active or oq.calibrating):
-            return F.linear(x, w, b)
-        y = oq(F.linear(x, w))
-        return y if b is None else y + b
+        return linear_aftergemm(x, w, b, self.in_proj_output_quantizer)
 
     def forward(  # type: ignore[override]
         self,

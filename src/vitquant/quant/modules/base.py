@@ -10,13 +10,15 @@ when the point stays float (vitquant's convention: points a config does not enab
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from torch import Tensor, nn
 
 from ..quantizers import Quantizer
 
 __all__ = ["QuantModule", "apply_q"]
+
+_Q = TypeVar("_Q", bound="QuantModule")
 
 
 def apply_q(q: Quantizer | None, x: Tensor) -> Tensor:
@@ -30,6 +32,19 @@ class QuantModule:
     quant_points: ClassVar[dict[str, str]] = {}
     #: Slot name -> name of the parameter that slot quantizes (weight quantizers only).
     quant_weights: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_float(cls: type[_Q], m: nn.Module) -> _Q:
+        """Turns the float module ``m`` into a ``cls`` in place and returns it.
+
+        For the classes that subclass the float module they replace (``QuantLinear`` for
+        ``nn.Linear``, ...): the instance's class changes, its parameters, buffers and hooks stay
+        (so the state dict is unchanged), and the quantizer slots are created empty.
+        """
+        m.__class__ = cls
+        assert isinstance(m, cls)
+        m.init_slots()
+        return m
 
     def point_kinds(self) -> dict[str, str]:
         """Slot name -> point kind (see ``vitquant.quant.presets.POINT_KINDS``)."""

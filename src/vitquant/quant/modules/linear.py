@@ -3,7 +3,9 @@
 A FasterTransformer ``LinearActivation`` quantizes its input, its weight and its GEMM output
 before the bias ("after GEMM"); :class:`QuantLinear` has the same three slots. Both classes keep
 the float module's ``weight``/``bias`` and are made from a float module in place by
-``from_float`` (the instance's class changes; its parameters and hooks stay).
+``from_float`` (:meth:`QuantModule.from_float`: the instance's class changes; its parameters and
+hooks stay). :func:`linear_aftergemm` is the after-GEMM linear shared with
+``QuantMultiheadAttention``'s input projection.
 """
 
 from __future__ import annotations
@@ -11,9 +13,22 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantizers import Quantizer
 from .base import QuantModule, apply_q
 
-__all__ = ["QuantLinear", "QuantConv2d"]
+__all__ = ["QuantLinear", "QuantConv2d", "linear_aftergemm"]
+
+
+def linear_aftergemm(x: Tensor, w: Tensor, b: Tensor | None, oq: Quantizer | None) -> Tensor:
+    """``F.linear(x, w, b)`` with ``oq`` (if any) on the GEMM output ``x @ wᵀ``, before the bias.
+
+    Exactly ``F.linear(x, w, b)`` when ``oq`` is empty or would not change its input (neither
+    active nor calibrating), so an unquantized layer keeps the fused bias add.
+    """
+    if oq is None or not (oq.active or oq.calibrating):
+        return F.linear(x, w, b)
+    y = oq(F.linear(x, w))
+    return y if b is None else y + b
 
 
 class QuantLinear(nn.Linear, QuantModule):
@@ -34,22 +49,10 @@ class QuantLinear(nn.Linear, QuantModule):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.init_slots()
 
-    @classmethod
-    def from_float(cls, m: nn.Linear) -> QuantLinear:
-        """Turns ``m`` into a :class:`QuantLinear` in place (same parameters) and returns it."""
-        m.__class__ = cls
-        assert isinstance(m, QuantLinear)
-        m.init_slots()
-        return m
-
     def forward(self, x: Tensor) -> Tensor:
         x = apply_q(self.input_quantizer, x)
         w = apply_q(self.weight_quantizer, self.weight)
-        oq = self.output_quantizer
-        if oq is None or not (oq.active or oq.calibrating):
-            return F.linear(x, w, self.bias)
-        y = oq(F.linear(x, w))
-        return y if self.bias is None else y + self.bias
+        return linear_aftergemm(x, w, self.bias, self.output_quantizer)
 
 
 class QuantConv2d(nn.Conv2d, QuantModule):
@@ -61,14 +64,6 @@ class QuantConv2d(nn.Conv2d, QuantModule):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.init_slots()
-
-    @classmethod
-    def from_float(cls, m: nn.Conv2d) -> QuantConv2d:
-        """Turns ``m`` into a :class:`QuantConv2d` in place and returns it."""
-        m.__class__ = cls
-        assert isinstance(m, QuantConv2d)
-        m.init_slots()
-        return m
 
     def forward(self, x: Tensor) -> Tensor:
         x = apply_q(self.input_quantizer, x)

@@ -29,6 +29,8 @@ class QuantMatMul(nn.Module, QuantModule):
             ``"matmul"``; it decides the point kinds of the operands.
     """
 
+    role: str = "matmul"  # (the default also serves ``from_float(MatMul())``)
+
     def __init__(self, role: str = "matmul") -> None:
         super().__init__()
         if role not in _MATMUL_POINTS:
@@ -70,14 +72,6 @@ class QuantSoftmax(nn.Softmax, QuantModule):
         super().__init__(dim)
         self.init_slots()
 
-    @classmethod
-    def from_float(cls, m: nn.Softmax) -> QuantSoftmax:
-        """Turns ``m`` into a :class:`QuantSoftmax` in place and returns it."""
-        m.__class__ = cls
-        assert isinstance(m, QuantSoftmax)
-        m.init_slots()
-        return m
-
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         x = apply_q(self.input_quantizer, x)
         if mask is not None:
@@ -93,14 +87,6 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.init_slots()
-
-    @classmethod
-    def from_float(cls, m: nn.LayerNorm) -> QuantLayerNorm:
-        """Turns ``m`` into a :class:`QuantLayerNorm` in place and returns it."""
-        m.__class__ = cls
-        assert isinstance(m, QuantLayerNorm)
-        m.init_slots()
-        return m
 
     def forward(self, x: Tensor) -> Tensor:
         x = apply_q(self.input_quantizer, x)

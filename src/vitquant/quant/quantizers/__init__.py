@@ -1,20 +1,48 @@
 """Quantizers: one method per file, all on the :class:`~.base.Quantizer` interface.
 
 * :mod:`.base`: :class:`QParams`, :class:`Quantizer`, the ``QUANTIZERS`` registry;
-* :mod:`.uniform`: ``"uniform"``, calibrated fixed ranges (pytorch-quantization / TensorRT);
-* :mod:`.log2`: ``"log2"`` (FQ-ViT) and ``"log2_sqrt2"`` (RepQ-ViT) for softmax outputs.
+* :mod:`.uniform`: calibrated fixed ranges (pytorch-quantization / TensorRT);
+* :mod:`.log2`: FQ-ViT's log2 and RepQ-ViT's log-sqrt2 quantizers for softmax outputs;
+* :mod:`.lsq`, :mod:`.qvit`, :mod:`.vvtq`: learned step sizes for QAT (LSQ / LSQ+, Q-ViT, VVTQ).
 
-QAT adds ``"lsq"``, ``"qvit"``, ``"vvtq"`` on the same base class.
+Registration: each class registers itself in ``QUANTIZERS`` with ``@QUANTIZERS.register(name)``
+where it is defined, so a method file's names exist once that file is imported. This package
+imports every method file below, hence importing it (or ``vitquant``, or ``vitquant.quant``)
+registers all the built-in names that ``QuantConfig`` and ``prepare`` accept:
+
+==============================  ================================================
+name                            class
+==============================  ================================================
+``uniform``                     :class:`UniformQuantizer`
+``log2``, ``log2_sqrt2``        :class:`Log2Quantizer`, :class:`Log2Sqrt2Quantizer`
+``lsq``, ``lsq+``               :class:`LSQQuantizer`, :class:`LSQPlusQuantizer`
+``qvit``                        :class:`QViTQuantizer`
+``vvtq``                        :class:`VVTQQuantizer`
+==============================  ================================================
+
+A new method file must be imported here too (``tests/quant/test_quantizers.py`` checks this
+table against the registry, in a fresh interpreter after ``import vitquant``). To keep these
+imports free of cycles, method files import only ``vitquant.quant`` modules at module level;
+anything from ``vitquant.qat`` or ``vitquant.train`` is imported inside the methods that use it
+(as VVTQ does).
 """
 
 from __future__ import annotations
 
-from . import lsq as _lsq  # noqa: F401  (registers "lsq", "lsq+")
-from . import qvit as _qvit  # noqa: F401
-from . import vvtq as _vvtq  # noqa: F401
-from .base import QUANTIZERS, QParams, Quantizer, gran_from_dict, gran_str, gran_to_dict
+from .base import (
+    QUANTIZERS,
+    QParams,
+    Quantizer,
+    gran_from_dict,
+    gran_str,
+    gran_to_dict,
+    quantizer_name,
+)
 from .log2 import Log2Quantizer, Log2Sqrt2Quantizer
+from .lsq import LSQPlusQuantizer, LSQQuantizer
+from .qvit import QViTQuantizer
 from .uniform import UniformQuantizer
+from .vvtq import VVTQQuantizer
 
 __all__ = [
     "QUANTIZERS",
@@ -23,9 +51,14 @@ __all__ = [
     "UniformQuantizer",
     "Log2Quantizer",
     "Log2Sqrt2Quantizer",
+    "LSQQuantizer",
+    "LSQPlusQuantizer",
+    "QViTQuantizer",
+    "VVTQQuantizer",
     "gran_from_dict",
     "gran_to_dict",
     "gran_str",
+    "quantizer_name",
     "build_quantizer",
 ]
 

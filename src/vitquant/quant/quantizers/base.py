@@ -33,6 +33,8 @@ __all__ = [
     "QParams",
     "Quantizer",
     "QUANTIZERS",
+    "RANGE_TENSORS",
+    "quantizer_name",
     "gran_kind",
     "gran_to_dict",
     "gran_from_dict",
@@ -40,6 +42,9 @@ __all__ = [
 ]
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
+
+#: the range state of every quantizer, buffers (or learned parameters) under these names
+RANGE_TENSORS = ("amax", "amin", "scale", "zero_point")
 
 
 @dataclass
@@ -68,6 +73,24 @@ class QParams:
     axis: int | None = None
     group_size: int | None = None
     kind: str = "uniform"
+
+
+def quantizer_name(q: Quantizer | type[Quantizer]) -> str:
+    """The name ``q``'s class is registered under in ``QUANTIZERS`` (``"lsq"``, ``"log2"``, ...).
+
+    Unlike :attr:`Quantizer.kind` (the integer grid, ``"uniform"`` for every LSQ variant), this
+    names the method. A class that is not registered itself reports its nearest registered base
+    class (then its ``kind``); a class registered under several names reports the first in
+    sorted order.
+    """
+    cls = q if isinstance(q, type) else type(q)
+    names: dict[type, str] = {}
+    for name in QUANTIZERS.names():
+        names.setdefault(QUANTIZERS.get(name), name)
+    for base in cls.__mro__:
+        if base in names:
+            return names[base]
+    return str(cls.kind)
 
 
 # --- granularity helpers ---------------------------------------------------------------------
@@ -182,10 +205,8 @@ class Quantizer(nn.Module):
         self.calibrating = False
         self.name = ""
         self.point = ""  # the point kind (``linear_input``, ``weight``, ...), set by ``prepare``
-        self.register_buffer("amax", torch.empty(0))
-        self.register_buffer("amin", torch.empty(0))
-        self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("zero_point", torch.empty(0))
+        for name in RANGE_TENSORS:
+            self.register_buffer(name, torch.empty(0))
         self._calibrator: Any = None
         self._min: Tensor | None = None
         self._max: Tensor | None = None
@@ -360,7 +381,7 @@ class Quantizer(nn.Module):
     def reset(self) -> None:
         """Forgets the range and any statistics (back to uncalibrated)."""
         dev = self.scale.device
-        for name in ("amax", "amin", "scale", "zero_point"):
+        for name in RANGE_TENSORS:
             setattr(self, name, torch.empty(0, device=dev))
         self._calibrator = None
         self._min = self._max = None
@@ -445,12 +466,18 @@ class Quantizer(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Range buffers take the shape of the saved ones (per-channel sizes are data dependent).
-        for name in ("amax", "amin", "scale", "zero_point"):
-            key = prefix + name
+        # Range tensors take the shape of the saved ones (per-channel sizes are data dependent);
+        # subclasses that learn some of them (LSQ) hold those as float32 parameters.
+        for name in RANGE_TENSORS:
+            saved = state_dict.get(prefix + name)
+            if saved is None:
+                continue
+            p = self._parameters.get(name)
             buf = self._buffers.get(name)
-            if key in state_dict and buf is not None and buf.shape != state_dict[key].shape:
-                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)
+            if p is not None and p.shape != saved.shape:
+                p.data = torch.empty_like(saved, device=p.device, dtype=torch.float32)
+            elif buf is not None and buf.shape != saved.shape:
+                self._buffers[name] = torch.empty_like(saved, device=buf.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -93,25 +93,6 @@ class LSQQuantizer(Quantizer):
             return
         super().__setattr__(name, value)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        for name in _PARAMS:
-            key = prefix + name
-            p = self._parameters.get(name)
-            if key in state_dict and p is not None and p.shape != state_dict[key].shape:
-                p.data = torch.empty_like(state_dict[key], device=p.device, dtype=torch.float32)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     # --- forward ----------------------------------------------------------------------------
     def grad_factor(self, x: Tensor) -> float:
         """LSQ's ``1 / sqrt(N · Q_P)`` with ``N`` the elements of ``x`` sharing one scale."""
