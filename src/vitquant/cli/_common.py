@@ -13,7 +13,6 @@ import argparse
 import difflib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -21,7 +20,6 @@ from ..errors import ConfigError
 __all__ = [
     "add_config_arg",
     "apply_config_file",
-    "load_yaml_mapping",
     "add_data_args",
     "add_runtime_args",
     "print_metrics",
@@ -46,29 +44,6 @@ def add_config_arg(parser: argparse.ArgumentParser) -> None:
         help="recipe: a YAML mapping of option names to values, used as defaults "
         "(command-line flags override it)",
     )
-
-
-def load_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML file that must hold a mapping.
-
-    Raises:
-        ConfigError: missing file, invalid YAML, or not a mapping.
-    """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
-        raise ConfigError(f"{p} is not valid YAML ({first})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of option names to values")
-    return data
 
 
 def _convert(action: argparse.Action, value: Any) -> Any:
@@ -109,10 +84,10 @@ def apply_config_file(
     path = getattr(args, "config", None)
     if not path:
         return args
-    data = load_yaml_mapping(path)
-    command = getattr(args, "command", None)
-    if command and isinstance(data.get(command), dict):
-        data = data[command]
+    from vitquant.recipes import find_recipe, load_recipe
+
+    recipe = find_recipe(path)
+    data = load_recipe(recipe, getattr(args, "command", None))
     actions = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -120,7 +95,7 @@ def apply_config_file(
         if dest not in actions:
             close = difflib.get_close_matches(dest, list(actions), n=3)
             hint = f"; closest: {', '.join(close)}" if close else ""
-            raise ConfigError(f"{path}: unknown option {key!r}{hint}")
+            raise ConfigError(f"{recipe}: unknown option {key!r}{hint}")
         values[dest] = _convert(actions[dest], value)
     subparser.set_defaults(**values)
     return parser.parse_args(list(argv))
