@@ -82,7 +82,12 @@ def add_parser(subparsers: Any) -> None:
     g = p.add_argument_group("distillation (DeiT)")
     g.add_argument("--teacher", default=None, help="model name, run folder or checkpoint")
     g.add_argument("--teacher-model", default=None, help="architecture of a foreign checkpoint")
-    g.add_argument("--distillation-type", choices=DISTILLATION_TYPES, default="none")
+    g.add_argument(
+        "--distillation-type",
+        choices=DISTILLATION_TYPES,
+        default="none",
+        help="DeiT's soft or hard distillation from --teacher; dgd: Q-ViT's DGD loss (qvit)",
+    )
     g.add_argument("--distillation-alpha", type=float, default=d.distillation_alpha)
     g.add_argument("--distillation-tau", type=float, default=d.distillation_tau)
     g = p.add_argument_group("run")

@@ -48,6 +48,7 @@ __all__ = [
     "write_record",
     "read_record",
     "read_meta",
+    "check_source",
     "generate_softlabels",
     "MultiCropSoftLabelDataset",
 ]
@@ -236,6 +237,53 @@ def read_meta(folder: str) -> dict[str, Any]:
             f"{path} has format version {meta['version']}; this vitquant reads {VERSION}"
         )
     return meta
+
+
+def check_source(
+    meta: dict[str, Any],
+    folder: str,
+    *,
+    data_path: str,
+    split: str,
+    train_subset: int = 0,
+    seed: int = 0,
+    img_size: int | None = None,
+) -> None:
+    """Checks that a soft-label folder was made for the data a run trains on.
+
+    ``meta["source"]`` (written by ``vitquant softlabels``) records the dataset, split, subset and
+    seed the images came from; a folder without it is checked on its crop size only. The image
+    count and classes are checked by :class:`MultiCropSoftLabelDataset`.
+
+    Raises:
+        DataError: one line listing each difference, folder value vs. run value.
+    """
+    src = meta.get("source") or {}
+    problems: list[str] = []
+
+    def differ(what: str, theirs: Any, mine: Any) -> None:
+        problems.append(f"{what} {theirs} (folder) vs {mine} (run)")
+
+    if "data_path" in src:
+        name = os.path.basename(str(src["data_path"]).rstrip("/"))
+        if name != os.path.basename(str(data_path).rstrip("/")):
+            differ("dataset", src["data_path"], data_path)
+    if "split" in src and src["split"] != split:
+        differ("split", src["split"], split)
+    if "train_subset" in src:
+        subset = int(src["train_subset"] or 0)
+        if subset != int(train_subset or 0):
+            differ("train_subset", subset, train_subset)
+        elif subset:
+            made_with = src.get("seed", meta.get("seed"))
+            if made_with is not None and int(made_with) != int(seed):
+                differ("seed of the subset", made_with, seed)
+    if img_size and meta.get("img_size") and int(meta["img_size"]) != int(img_size):
+        differ("crop size", meta["img_size"], img_size)
+    if problems:
+        raise DataError(
+            f"soft-label folder {folder} was made for other data: {'; '.join(problems)}"
+        )
 
 
 # --- generation -------------------------------------------------------------------------------

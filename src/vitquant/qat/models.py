@@ -11,20 +11,35 @@
   ``vit_micro_patch7_28_quant``: the float architecture with separate q/k/v projections
   (:class:`~vitquant.qat.split_attention.SplitAttention`); a fused-``qkv`` state dict loads into
   them with ``model.load_state_dict`` (or :func:`load_fused_checkpoint` for files).
+* The same names exist for the tiny test model ``vit_nano_patch4_28``
+  (``{two,three,four}bits_vit_nano_patch4_28``, ``vit_nano_patch4_28_quant``).
+
+:func:`base_architecture` maps each of these names to the float architecture whose checkpoints
+it loads (``--finetune``); any other name maps to itself.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..models import MODELS, create_model
 from .split_attention import split_qkv
 
-__all__ = ["QVIT_BITS", "load_fused_checkpoint"]
+__all__ = ["QVIT_BITS", "base_architecture", "has_split_attention", "load_fused_checkpoint"]
 
 QVIT_BITS = {"two": 2, "three": 3, "four": 4}
+#: QAT model name -> the float architecture it is built from
+_BASES: dict[str, str] = {}
+
+
+def base_architecture(name: str) -> str:
+    """The float architecture a model name is built from (``fourbits_vit_micro_patch7_28`` ->
+    ``vit_micro_patch7_28``); a plain model name is its own base."""
+    return _BASES.get(name, name)
 
 
 def _qvit_entry(name: str, base: str, bits: int) -> None:
@@ -40,6 +55,7 @@ def _qvit_entry(name: str, base: str, bits: int) -> None:
 
     entry.__name__ = name
     entry.__doc__ = f"Q-ViT {bits}-bit {base} (float architecture; quantize with --method qvit)."
+    _BASES[name] = base
     if name not in MODELS:
         MODELS.add(name, entry)
 
@@ -56,6 +72,7 @@ def _vvtq_entry(name: str, base: str) -> None:
 
     entry.__name__ = name
     entry.__doc__ = f"VVTQ's {base} with separate q/k/v projections (float architecture)."
+    _BASES[name] = base
     if name not in MODELS:
         MODELS.add(name, entry)
 
@@ -65,31 +82,48 @@ for _word, _bits in QVIT_BITS.items():
         _qvit_entry(
             f"{_word}bits_deit_{_size}_patch16_224", f"deit_{_size}_distilled_patch16_224", _bits
         )
-    _qvit_entry(f"{_word}bits_vit_micro_patch7_28", "vit_micro_patch7_28", _bits)
+    for _small in ("vit_micro_patch7_28", "vit_nano_patch4_28"):
+        _qvit_entry(f"{_word}bits_{_small}", _small, _bits)
 for _size in ("tiny", "small", "base"):
     _vvtq_entry(f"deit_{_size}_patch16_224_quant", f"deit_{_size}_patch16_224")
-_vvtq_entry("vit_micro_patch7_28_quant", "vit_micro_patch7_28")
+for _small in ("vit_micro_patch7_28", "vit_nano_patch4_28"):
+    _vvtq_entry(f"{_small}_quant", _small)
 
 
-def load_fused_checkpoint(model: nn.Module, path: str) -> None:
+def has_split_attention(model: nn.Module) -> bool:
+    """True when ``model`` has VVTQ's separate q/k/v projections."""
+    from .split_attention import SplitAttention
+
+    return any(isinstance(m, SplitAttention) for m in model.modules())
+
+
+def load_fused_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Loads a fused-``qkv`` float checkpoint (timm/DeiT layout) into a split-q/k/v model.
 
+    The checkpoint is adapted as :func:`vitquant.models.checkpoints.load_checkpoint` adapts one
+    (``pos_embed`` resampled, a head of another size left freshly initialised); a checkpoint that
+    already has split projections loads too.
+
     Raises:
-        CheckpointError: unreadable file or a checkpoint of another architecture.
+        CheckpointError: unreadable file or a checkpoint of another architecture (one line,
+            naming the first missing / unexpected / mismatched key).
     """
     from ..errors import CheckpointError
-    from ..models.checkpoints import load_state_dict
+    from ..models.checkpoints import checkpoint_filter_fn, load_state_dict
     from .split_attention import split_fused_state_dict
 
-    sd = split_fused_state_dict(load_state_dict(path))
+    sd = checkpoint_filter_fn(split_fused_state_dict(load_state_dict(path)), model)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    heads = ("head.", "head_dist.")
+    missing = [k for k in own if k not in sd and not k.startswith(heads)]
     unexpected = [k for k in sd if k not in own]
     bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or bad:
         first = (missing or unexpected or bad)[0]
+        arch = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
         raise CheckpointError(
-            f"{path} does not fit this model ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(bad)} mismatched keys; first: {first})"
+            f"{path} does not fit {arch} with split q/k/v: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(bad)} mismatched keys (first: {first})"
         )
-    model.load_state_dict(sd)
+    with torch.no_grad():
+        model.load_state_dict(sd, strict=False)

@@ -3,9 +3,9 @@
 :func:`run_qat` fine-tunes a float checkpoint with one of the QAT methods (``lsq``, ``qvit``,
 ``vvtq``, ``ft-qat``) through the training engine (:func:`vitquant.train.trainer.fit`: experiment
 folder, resume, logs), with short-schedule defaults suited to the demo model
-(``vit_micro_patch7_28`` on Fashion-MNIST). For ``vvtq`` with a soft-label folder it builds the
-multi-crop soft-label training set itself. It also reports the float model's accuracy on the same
-evaluation set, so rows can be compared with float.
+(``vit_micro_patch7_28`` on Fashion-MNIST). For ``vvtq`` with a soft-label folder the engine
+builds the multi-crop soft-label training set (the method's ``build_train_set`` hook, see
+:func:`vitquant.train.trainer.method_train_data`), as ``vitquant train`` does.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ def run_qat(
         >>> run_qat("lsq", "runs/demo/float", method_args={"wbits": 4, "abits": 4}, epochs=1)
     """
     from ..train.config import TrainConfig
-    from ..train.methods import build_method
     from ..train.trainer import fit
 
     defaults = FT_QAT_DEFAULTS if method == "ft-qat" else QAT_DEFAULTS
@@ -97,28 +96,7 @@ def run_qat(
             "name": name,
         }
     )
-    meth = build_method(method, cfg.method_args)
-    data = None
-    build_set = getattr(meth, "build_train_set", None)
-    if build_set is not None and cfg.method_args.get("softlabel_path"):
-        data = _softlabel_data(cfg, meth)
-    return fit(cfg, method=meth, data=data, quiet=quiet)
-
-
-def _softlabel_data(cfg: Any, meth: Any) -> Any:
-    from .. import data as D
-    from ..models import create_model
-    from ..train.data import TrainData, build_train_data, model_img_size
-
-    info = D.dataset_info(cfg.data_path)
-    probe = create_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans)
-    size = cfg.img_size or model_img_size(probe)
-    td = build_train_data(cfg, size)
-    base = D.build_dataset(cfg.data_path, cfg.train_split, img_size=size, train_transform=False)
-    if cfg.train_subset:
-        base = D.subset(base, cfg.train_subset, seed=cfg.seed)
-    train_set = meth.build_train_set(base, td.num_classes, cfg.seed)
-    return TrainData(train_set, td.eval_set, td.num_classes, td.in_chans, td.img_size)
+    return fit(cfg, quiet=quiet)
 
 
 def make_softlabels(
@@ -205,6 +183,7 @@ def make_softlabels(
         "data_path": str(data_path),
         "split": split,
         "train_subset": train_subset,
+        "seed": seed,
         "teacher": str(teacher),
     }
     from ..data.softlabels import write_meta

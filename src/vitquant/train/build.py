@@ -1,24 +1,41 @@
-"""Building the student, the fine-tuning start point and the distillation teacher of a run.
+"""Building the student, the fine-tuning start point, the distillation teacher and the method's
+own training set of a run.
 
 A teacher is given (``--teacher``) as a registered model name (its published weights from the
 local cache), a vitquant run folder or checkpoint (the architecture is read from the run's
 config), or a foreign checkpoint of ``--teacher-model``. DeiT (Touvron et al., 2021) distils from
 a teacher that predicts the same classes: another number of classes is an error.
+
+``--finetune`` accepts checkpoints of the model's float base architecture (the QAT names of
+:mod:`vitquant.qat.models`), fused-``qkv`` ones into split-q/k/v models. A method may replace the
+augmented training set with its own (:func:`method_train_data`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 
-__all__ = ["build_student", "load_finetune", "build_teacher", "resolve_run_checkpoint"]
+if TYPE_CHECKING:
+    from .data import TrainData
+    from .methods import TrainMethod
+
+__all__ = [
+    "build_student",
+    "load_finetune",
+    "build_teacher",
+    "resolve_run_checkpoint",
+    "method_train_data",
+]
 
 
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
@@ -67,15 +84,60 @@ def _run_model_name(path: Path) -> str | None:
     return None
 
 
+def _describe(sd: dict[str, Any]) -> str:
+    """A checkpoint's architecture in words (depth and width), from its state dict."""
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    width = next((int(sd[k].shape[-1]) for k in ("cls_token", "pos_embed") if k in sd), None)
+    if width is None and "patch_embed.proj.weight" in sd:
+        width = int(sd["patch_embed.proj.weight"].shape[0])
+    return f"depth {depth}, width {width}" if depth and width else "unknown architecture"
+
+
 def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
-    """Loads float weights to start from; a checkpoint of another architecture is an error."""
+    """Loads float weights to start from; a checkpoint of another architecture is an error.
+
+    A QAT model name (``fourbits_vit_micro_patch7_28``, ``vit_micro_patch7_28_quant``) accepts
+    checkpoints of its float base architecture (:func:`vitquant.qat.models.base_architecture`);
+    fused-``qkv`` checkpoints load into models with separate q/k/v projections.
+
+    Raises:
+        CheckpointError: a run checkpoint of another base architecture, or weights that do not
+            fit (one line naming both architectures).
+    """
     from ..models.checkpoints import load_checkpoint as load_weights
+    from ..models.checkpoints import load_state_dict
+    from ..qat.models import base_architecture, has_split_attention, load_fused_checkpoint
 
     ckpt = resolve_run_checkpoint(path)
+    mine = base_architecture(model_name)
     other = _run_model_name(ckpt) if ckpt.suffix in (".pt", ".pth") else None
-    if other is not None and other != model_name:
-        raise CheckpointError(f"--finetune {path} is a {other} checkpoint, not {model_name}")
-    load_weights(model, ckpt)
+    if other is not None and base_architecture(other) != mine:
+        theirs = base_architecture(other)
+        what = other if theirs == other else f"{other} (a {theirs})"
+        raise CheckpointError(
+            f"--finetune {path} is a {what} checkpoint but --model {model_name} needs a {mine} one"
+        )
+    try:
+        if has_split_attention(model):
+            load_fused_checkpoint(model, ckpt)
+        else:
+            load_weights(model, ckpt)
+    except CheckpointError as e:
+        try:
+            what = other or _describe(load_state_dict(ckpt))
+        except CheckpointError:
+            raise e from None
+        want = _describe(model.state_dict())
+        shown = (
+            f"{model_name} ({want})" if mine == model_name else f"{model_name} (a {mine}, {want})"
+        )
+        detail = str(e).splitlines()[0]
+        at = detail.find(" does not fit ")
+        colon = detail.find(": ", at) if at >= 0 else -1
+        detail = detail[colon + 2 :] if colon >= 0 else detail
+        raise CheckpointError(
+            f"--finetune {path} ({what}) does not fit {shown}: {detail}"
+        ) from None
 
 
 def build_teacher(
@@ -125,3 +187,66 @@ def build_teacher(
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
+
+
+class _PlainTrainSplit(Dataset):
+    """The run's training split without random augmentation, loaded on first use (picklable)."""
+
+    def __init__(self, cfg: TrainConfig, img_size: int | None) -> None:
+        self.data_path, self.split, self.img_size = cfg.data_path, cfg.train_split, img_size
+        self.subset, self.seed = cfg.train_subset, cfg.seed
+        self._ds: Dataset | None = None
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._ds is None:
+            from .. import data as vdata
+
+            ds = vdata.build_dataset(
+                self.data_path, self.split, img_size=self.img_size, train_transform=False
+            )
+            self._ds = vdata.subset(ds, self.subset, seed=self.seed) if self.subset else ds
+        return self._ds
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.dataset[key]
+
+
+def method_train_data(
+    cfg: TrainConfig, method: TrainMethod, data: TrainData, img_size: int | None = None
+) -> TrainData:
+    """``data`` with the training set the method builds itself, if it does.
+
+    The method's :meth:`~vitquant.train.methods.TrainMethod.build_train_set` hook (VVTQ's
+    multi-crop soft labels) gets ``base``: the training split of ``cfg`` with the evaluation
+    transform (no random augmentation), the same ``train_subset`` (same ``seed``) in the same
+    order, at ``img_size``; it is built only if the hook uses it. ``None`` keeps ``data``.
+
+    Raises:
+        DataError: a soft-label folder that does not match the data (images, classes, split,
+            subset, seed or crop size).
+    """
+    from ..data.softlabels import FORMAT as SOFTLABEL_FORMAT
+    from ..data.softlabels import check_source
+
+    hook = getattr(method, "build_train_set", None)
+    if hook is None:
+        return data
+    train_set = hook(_PlainTrainSplit(cfg, img_size), data.num_classes, cfg.seed)
+    if train_set is None:
+        return data
+    meta = getattr(train_set, "meta", None)
+    if isinstance(meta, dict) and meta.get("format") == SOFTLABEL_FORMAT:
+        check_source(
+            meta,
+            str(getattr(train_set, "folder", "")),
+            data_path=cfg.data_path,
+            split=cfg.train_split,
+            train_subset=cfg.train_subset,
+            seed=cfg.seed,
+            img_size=img_size or data.img_size,
+        )
+    return dataclasses.replace(data, train_set=train_set)

@@ -19,7 +19,8 @@ from ..errors import ConfigError
 __all__ = ["TrainConfig", "RUNTIME_FIELDS", "OPTIMIZERS", "DISTILLATION_TYPES"]
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
-DISTILLATION_TYPES = ("none", "soft", "hard")
+#: ``dgd`` is an alias: it turns on the method's DGD loss (Q-ViT) and sets the DeiT type to none
+DISTILLATION_TYPES = ("none", "soft", "hard", "dgd")
 
 #: fields that do not change the result of a run (not in the folder name, free to change on resume)
 RUNTIME_FIELDS = frozenset(
@@ -75,7 +76,9 @@ class TrainConfig:
         teacher: teacher for distillation: a model name, a vitquant checkpoint or run folder, or
             a checkpoint of ``teacher_model``.
         teacher_model: architecture of a foreign teacher checkpoint.
-        distillation_type: ``"none"``, ``"soft"`` or ``"hard"`` (DeiT).
+        distillation_type: ``"none"``, ``"soft"`` or ``"hard"`` (DeiT); ``"dgd"`` is an alias
+            that sets the method option ``dgd`` (Q-ViT's distribution-guided distillation, method
+            ``qvit``) and stores ``"none"`` (other methods: a ``ConfigError``).
         distillation_alpha: weight of the distillation term.
         distillation_tau: temperature of the soft distillation.
         finetune: float checkpoint to start from.
@@ -137,6 +140,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.method_args = dict(self.method_args or {})
+        if self.distillation_type == "dgd":
+            self._resolve_dgd_alias()
         checks = [
             (bool(self.model), "model must be given"),
             (bool(self.data_path), "data_path must be given"),
@@ -174,6 +179,48 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
+    def _resolve_dgd_alias(self) -> None:
+        """``distillation_type="dgd"``: the method's ``dgd`` option on, DeiT distillation off."""
+        from .methods import get_method
+
+        cls = get_method(self.method)
+        if "dgd" not in cls.option_names():
+            with_dgd = ", ".join(
+                n for n in _method_names() if "dgd" in get_method(n).option_names()
+            )
+            raise ConfigError(
+                f"--distillation-type dgd needs a method with a DGD loss ({with_dgd}), not "
+                f"{self.method!r}; use soft or hard with --teacher"
+            )
+        if self.method_args.get("dgd") is False:
+            raise ConfigError("--distillation-type dgd contradicts --no-dgd")
+        self.method_args["dgd"] = True
+        self.distillation_type = "none"
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """``key=<mine> (folder) vs <other's> (now)`` for each result-changing field that differs.
+
+        Method options are compared one by one (``method_args.wbits=4 (folder) vs 3 (now)``), an
+        option left out being equal to the method's default.
+        """
+        from .experiment import format_value
+
+        old, new = self.semantic_dict(), other.semantic_dict()
+        old_m, new_m = old.pop("method_args", {}) or {}, new.pop("method_args", {}) or {}
+        if self.method == other.method:  # options left at their default are equal to them
+            defaults = _method_defaults(self.method)
+            old_m, new_m = {**defaults, **old_m}, {**defaults, **new_m}
+        pairs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+        pairs += [
+            (f"method_args.{k}", old_m.get(k), new_m.get(k))
+            for k in sorted(set(old_m) | set(new_m))
+        ]
+        return [
+            f"{k}={format_value(a)} (folder) vs {format_value(b)} (now)"
+            for k, a, b in pairs
+            if a != b
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON-safe: tuples become lists)."""
         d = dataclasses.asdict(self)
@@ -196,3 +243,18 @@ class TrainConfig:
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that define the result of the run (all but :data:`RUNTIME_FIELDS`)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def _method_names() -> list[str]:
+    from .methods import METHODS
+
+    return list(METHODS.names())
+
+
+def _method_defaults(name: str) -> dict[str, Any]:
+    from .methods import get_method
+
+    try:
+        return get_method(name).Config().to_dict()
+    except ConfigError:
+        return {}

@@ -8,6 +8,11 @@ same command loads it, skips the done batches of the epoch without loading them,
 RNG states and continues, so the final weights and metrics are exactly those of an uninterrupted
 run. The RNG stream is re-seeded from ``(seed, epoch, rank)`` at the start of each epoch, after
 the epoch's data iterator is created. A finished run just reports its ``result.json``.
+
+A run never silently starts over: a ``last.pt`` that cannot be read or loaded, one written with
+other options or for other data (steps per epoch), or a started folder (``best.pt``, logged epochs)
+without ``last.pt`` is an error. The method may build its own training set
+(:func:`~vitquant.train.build.method_train_data`: VVTQ's soft labels from ``--softlabel-path``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from . import distributed as D
-from .build import build_student, build_teacher, load_finetune
+from .build import build_student, build_teacher, load_finetune, method_train_data
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import (
@@ -86,7 +91,8 @@ def fit(
         cfg: the run's options.
         exp_dir: the experiment folder (default: named from ``cfg``, see
             :func:`~vitquant.train.experiment.experiment_dir`).
-        data: datasets to use instead of building them from ``cfg.data_path``.
+        data: datasets to use instead of building them from ``cfg.data_path`` (used as given:
+            the method's ``build_train_set`` hook is not applied).
         method: a configured method (default: ``cfg.method`` with ``cfg.method_args``).
         stop_after_steps: testing aid: exit the process hard (``os._exit``) after this many
             optimizer steps of this process, as a kill would.
@@ -97,8 +103,9 @@ def fit(
         "experiment", ...}`` of the last evaluation.
 
     Raises:
-        ConfigError: the folder was made with other options, bad options.
-        CheckpointError: a corrupt ``last.pt``.
+        ConfigError: the folder or its ``last.pt`` was made with other options or other data,
+            bad options.
+        CheckpointError: a corrupt or unfitting ``last.pt``, or a started run without one.
         DataError: missing or empty data.
     """
     from ..models import MODELS
@@ -114,16 +121,69 @@ def fit(
     if done is not None:
         _say(info, quiet, f"{exp.root}: finished already; top-1 {done['top1']:.2f}%")
         return {**done, "resumed": "finished"}
-    state: dict[str, Any] | None = None
-    if exp.last_path.exists():
-        state = load_checkpoint(exp.last_path)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{exp.last_path} is not a vitquant training checkpoint")
+    state = _resume_state(exp, cfg)
     run = _Run(cfg, info, exp, method, state, data, stop_after_steps, quiet)
     D.barrier()
     if info.is_main:
         exp.write_config(cfg)
     return run.run()
+
+
+def _resume_state(exp: Experiment, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The state to resume from, ``None`` for a fresh folder; never silently starts over.
+
+    Raises:
+        CheckpointError: ``last.pt`` is unreadable or not a training checkpoint, or the folder
+            shows a started run (``best.pt``, logged epochs) whose ``last.pt`` is gone.
+        ConfigError: ``last.pt`` was written with other (result-changing) options.
+    """
+    if not exp.last_path.exists():
+        started = [p.name for p in (exp.best_path, exp.log_path) if p.is_file()]
+        if exp.best_path.is_file() or exp.read_log():
+            raise CheckpointError(
+                f"{exp.root} holds a started run ({', '.join(started)}) but no last.pt to resume "
+                "from; move the folder away (or use --name) to start over"
+            )
+        return None
+    state = load_checkpoint(exp.last_path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{exp.last_path} is not a vitquant training checkpoint")
+    stored = state.get("config")
+    if isinstance(stored, dict):
+        try:
+            old = TrainConfig.from_dict(stored)
+        except (ConfigError, TypeError) as e:
+            msg = str(e).splitlines()[0]
+            raise CheckpointError(f"{exp.last_path} holds an unreadable config ({msg})") from None
+        diffs = old.differences(cfg)
+        if diffs:
+            raise ConfigError(
+                f"{exp.last_path} was trained with other options: {'; '.join(diffs)} "
+                "(use --name or another --output for a new run)"
+            )
+    return state
+
+
+def _state_mismatch(own: dict[str, Any], saved: Any) -> str | None:
+    """How a checkpoint's model state differs from the model's (``None``: it fits)."""
+    if not isinstance(saved, dict):
+        return "it holds no model state"
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        k
+        for k in own
+        if k in saved
+        and torch.is_tensor(saved[k])
+        and torch.is_tensor(own[k])
+        and saved[k].shape != own[k].shape
+    ]
+    parts = [
+        f"{len(keys)} {what} (first: {keys[0]})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("resized", shapes))
+        if keys
+    ]
+    return ", ".join(parts) + " keys" if parts else None
 
 
 class _Run:
@@ -146,7 +206,8 @@ class _Run:
         if data is None:
             num_classes, in_chans = dataset_meta(cfg.data_path)
             model = build_student(cfg, num_classes, in_chans)
-            data = build_train_data(cfg, cfg.img_size or model_img_size(model))
+            size = cfg.img_size or model_img_size(model)
+            data = method_train_data(cfg, method, build_train_data(cfg, size), size)
         else:
             model = build_student(cfg, data.num_classes, data.in_chans)
         self.data = data
@@ -213,6 +274,14 @@ class _Run:
 
     # --- state ------------------------------------------------------------------------------
     def _load(self, state: dict[str, Any]) -> None:
+        saved_steps = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        if saved_steps != self.steps_per_epoch:
+            saved_ws = int(state.get("world_size", 1))
+            raise ConfigError(
+                f"{self.exp.last_path} was trained with {saved_steps} steps per epoch on "
+                f"{saved_ws} process(es), this run has {self.steps_per_epoch} on "
+                f"{self.info.world_size}; resume with the same data and number of processes"
+            )
         try:
             self.model.load_state_dict(state["model"])
             opts = state["optimizers"]
@@ -223,6 +292,11 @@ class _Run:
             self.schedule.load_state_dict(state["schedule"])
             self.method.load_extra_state(state.get("method") or {})
         except (KeyError, RuntimeError, ValueError) as e:
+            problem = _state_mismatch(self.model.state_dict(), state.get("model"))
+            if problem is not None:
+                raise CheckpointError(
+                    f"{self.exp.last_path} does not fit this run's model: {problem}"
+                ) from None
             msg = str(e).splitlines()[0][:200]
             raise CheckpointError(f"{self.exp.last_path} does not fit this run ({msg})") from None
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -6,7 +6,8 @@ A method (float, LSQ, FT-QAT, Q-ViT, VVTQ, DiffQ, ...) is one file under
 subclass registered in :data:`vitquant.train.methods.METHODS`. The engine
 (:func:`vitquant.train.trainer.fit`) calls the hooks in this order::
 
-    prepare_model -> teacher -> param_groups / extra_optimizers -> [load_extra_state]
+    build_train_set -> prepare_model -> teacher -> param_groups / extra_optimizers
+    -> [load_extra_state]
     per step:  loss (+ penalty) -> backward -> step -> on_step_end
     per epoch: on_epoch_end -> eval_model -> evaluate -> checkpoint_extra_state
 
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ...errors import ConfigError
 
@@ -189,6 +191,17 @@ class TrainMethod:
     def config_from_dict(cls, values: dict[str, Any]) -> MethodConfig:
         """The method's config from ``{option: value}`` (missing options keep their default)."""
         return cls.Config.from_dict(values)
+
+    # --- data -------------------------------------------------------------------------------
+    def build_train_set(self, base: Dataset, num_classes: int, seed: int = 0) -> Dataset | None:
+        """A training set of the method's own (e.g. VVTQ's multi-crop soft labels), or ``None``.
+
+        Called by :func:`~vitquant.train.fit` before the model is prepared. ``base`` is the
+        run's training split with the evaluation transform (no random augmentation), the same
+        ``--train-subset`` in the same order; it is loaded only if the hook uses it. ``None``
+        (the default) keeps the engine's augmented training set.
+        """
+        return None
 
     # --- model ------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -7,6 +7,9 @@ student is the PTQ-calibrated model with fixed ranges (pytorch-quantization ``Te
 no ``T²`` (the seed's λ = 10000, T = 3), the teacher being the float model; the seed trains with
 SGD (momentum 0.9, no weight decay, gradient clipping 1.0, constant learning rate).
 
+With ``--distillation-type soft|hard`` (and ``--teacher``) the loss is instead DeiT's, with
+``--distillation-alpha`` / ``--distillation-tau``, as for every other method.
+
 The calibrated start point is either a file of ``vitquant calibrate`` (``--calibrated``) or made
 here from the float model (``--finetune``) with the preset (``--preset``, default ``ft2``) and the
 calibrator (``--calibrator``, default percentile 99.99).
@@ -115,9 +118,11 @@ class FTQATMethod(TrainMethod):
         state: StepState,
     ) -> tuple[Tensor, dict[str, float]]:
         c: FTQATConfig = self.config  # type: ignore[assignment]
+        crit = state.criterion
+        if crit.distillation_type != "none":  # --distillation-type soft/hard: DeiT's loss
+            return crit(inputs, outputs, targets)
         logits = outputs if isinstance(outputs, Tensor) else (outputs[0] + outputs[1]) / 2
         ce = F.cross_entropy(logits.float(), targets)
-        crit = state.criterion
         if crit.teacher is None or c.kd_weight == 0:
             return ce, {"ce": float(ce.detach())}
         t = crit.teacher_logits(inputs)
