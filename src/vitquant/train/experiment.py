@@ -128,12 +128,7 @@ class Experiment:
         stored = self.stored_config()
         if stored is None:
             return
-        old, new = stored.semantic_dict(), cfg.semantic_dict()
-        diffs = [
-            f"{k}={format_value(old.get(k))} (folder) vs {format_value(new.get(k))} (now)"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
+        diffs = stored.differences(cfg)
         if diffs:
             raise ConfigError(
                 f"experiment folder {self.root} was made with other options: {'; '.join(diffs)}"
