@@ -20,7 +20,7 @@ STAMP := $(VENV)/.vitquant-setup-$(shell sha1sum pyproject.toml 2>/dev/null | cu
 .PHONY: help setup data demo test lint clean
 
 help:
-	@echo "make demo [QUICK=1]   train + evaluate the Fashion-MNIST demo (float model cached in runs/demo)"
+	@echo "make demo [QUICK=1] [OUT=dir]  float, PTQ, QAT, DiffQ, export, int8 rows on Fashion-MNIST (runs cached in runs/demo)"
 	@echo "make test             run the test suite"
 	@echo "make setup | data | lint | clean"
 
@@ -50,7 +50,7 @@ data:
 	fi
 
 demo: setup data
-	VITQUANT_DATA=$(DATA) HF_HUB_OFFLINE=1 $(VENV)/bin/vitquant demo $(if $(QUICK),--quick,)
+	VITQUANT_DATA=$(DATA) HF_HUB_OFFLINE=1 $(VENV)/bin/vitquant demo $(if $(QUICK),--quick,) $(if $(OUT),--out $(OUT),)
 
 # two xdist workers with one thread each: faster on 2 cores than one process with two threads
 test: setup data

@@ -1,15 +1,24 @@
 """The end-to-end demo behind ``make demo`` / ``vitquant demo``: a small ViT on Fashion-MNIST.
 
-The demo is a list of *steps*, each adding one row to a results table. The first step trains the
-float model (cached in ``runs/demo/float``: a second run finds the finished run and reuses it);
-later steps (PTQ, QAT, DiffQ, int8 rows) register themselves with :func:`register_demo_step` and
-read what earlier steps left in :attr:`DemoContext.artifacts` (``"float_dir"``,
-``"float_checkpoint"``, ``"float_result"``, ``"float_config"``).
+The demo is a list of *steps*, each adding rows to one results table (method, bits, top-1, change
+against float, true size, compression, int8 speed-up). The first step trains the float model
+(cached in ``runs/demo/float``: a second run finds the finished run and reuses it); later steps
+register themselves with :func:`register_demo_step` and read what earlier steps left in
+:attr:`DemoContext.artifacts` (``"float_dir"``, ``"float_checkpoint"``, ``"float_result"``,
+``"float_config"``, ``"float_size_mb"``, and ``"model:<row name>"`` for quantized models):
+
+* :mod:`vitquant.demo_quant`: PTQ W8A8 (ft1, ft2), W4A4 min-max and ViT-specific;
+* :mod:`vitquant.demo_qat`: QAT W4A4 with LSQ, Q-ViT and VVTQ (cached fine-tuning runs);
+* :mod:`vitquant.demo_diffq`: DiffQ at two size penalties (cached fine-tuning runs);
+* :mod:`vitquant.demo_export`: the packed export of a W4 model and the int8 runtime.
+
+:func:`run_demo_report` runs them with a ``[k/N] step`` line and the wall time of each;
+:mod:`vitquant.demo_report` writes the table as JSON, Markdown and an accuracy-vs-size PNG.
 
 Fashion-MNIST: Xiao, Rasul and Vollgraf, 2017 (arXiv 1708.07747), 60k train / 10k test 28x28
 grayscale images; the Debian package ``dataset-fashion-mnist`` installs it under
-``/usr/share/datasets/fashion-mnist``. The float recipe is DeiT's (AdamW, warm-up + cosine, label
-smoothing; Touvron et al., 2021) scaled down to ``vit_micro_patch7_28``.
+``/usr/share/datasets/fashion-mnist``. The float recipe is DeiT's (AdamW, warm-up + cosine;
+Touvron et al., 2021) scaled down to ``vit_micro_patch7_28``.
 """
 
 from __future__ import annotations
@@ -27,15 +36,20 @@ __all__ = [
     "DemoConfig",
     "DemoRow",
     "DemoContext",
+    "DemoReport",
     "DEMO_STEPS",
     "register_demo_step",
     "float_train_config",
     "run_demo",
+    "run_demo_report",
     "format_table",
     "FASHION_MNIST_DIR",
+    "QUICK_EVAL_IMAGES",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: test images evaluated in quick mode (the normal mode uses the whole test set)
+QUICK_EVAL_IMAGES = 2000
 _INSTALL_HINT = (
     "install it with 'sudo apt-get install dataset-fashion-mnist' (Debian), or point "
     "--data-path / $VITQUANT_DATA at a folder with the four Fashion-MNIST IDX files"
@@ -48,23 +62,44 @@ class DemoConfig:
 
     Attributes:
         data_path: Fashion-MNIST folder (default: ``$VITQUANT_DATA`` or the Debian one).
-        output: folder of the demo's runs.
-        quick: the < 5 minute version (fewer epochs).
+        output: folder of the demo's runs (float, QAT and DiffQ experiment folders).
+        out: folder of ``results.json``, ``results.md`` and ``accuracy_vs_size.png``
+            (default: ``output``).
+        quick: the < 5 minute version (short float training, small training subsets, 2000 test
+            images).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         num_workers: data loader workers.
         steps: names of the steps to run (default: all registered).
+        eval_subset: test images to evaluate (``None``: 2000 in quick mode, all otherwise).
         float_overrides: changes to the float recipe (``{"epochs": 5}``; tests use a tiny model).
+        finetune_overrides: changes to every QAT and DiffQ fine-tuning recipe
+            (``{"train_subset": 256}``).
+        progress: print the ``[k/N]`` step lines and the training progress.
     """
 
     data_path: str = field(
         default_factory=lambda: os.environ.get("VITQUANT_DATA", FASHION_MNIST_DIR)
     )
     output: str = "runs/demo"
+    out: str | None = None
     quick: bool = False
     device: str = "auto"
     num_workers: int = 0
     steps: list[str] | None = None
+    eval_subset: int | None = None
     float_overrides: dict[str, Any] = field(default_factory=dict)
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def eval_images(self) -> int:
+        """Test images every row is evaluated on (0: the whole test set)."""
+        if self.eval_subset is not None:
+            return int(self.eval_subset)
+        return QUICK_EVAL_IMAGES if self.quick else 0
+
+    def results_dir(self) -> Path:
+        """Where the results files go."""
+        return Path(self.out or self.output)
 
 
 @dataclass
@@ -72,12 +107,16 @@ class DemoRow:
     """One line of the results table.
 
     Attributes:
-        name: what the row shows (``"float32"``, ``"PTQ W8A8"`` ...).
-        top1: top-1 accuracy on the test set, in %.
+        name: the method (``"float32"``, ``"PTQ W8A8 ft1"`` ...).
+        top1: top-1 accuracy on the demo's test images, in %.
         top5: top-5 accuracy, in %.
-        size_mb: model size in MiB (weights as they would be stored).
-        seconds: time the step took (training or calibration), ``None`` when reused.
-        note: anything else (``"cached"``, bits, ...).
+        size_mb: true model size in MiB (2**20 bytes): weights as a packed export stores them.
+        seconds: time the row's work took (training or calibration), ``None`` when reused.
+        note: anything else (``"cached"``, recipe ...).
+        bits: weight/activation bits, ``"W/A"`` (``"32/32"``, ``"4/4"``, ``"~3.2/32"``).
+        compression: float32 size / this row's size.
+        speedup: int8 runtime latency speed-up over float32 eager (int8 rows only).
+        step: the step that made the row.
     """
 
     name: str
@@ -86,6 +125,10 @@ class DemoRow:
     size_mb: float | None = None
     seconds: float | None = None
     note: str = ""
+    bits: str = ""
+    compression: float | None = None
+    speedup: float | None = None
+    step: str = ""
 
 
 @dataclass
@@ -95,6 +138,32 @@ class DemoContext:
     config: DemoConfig
     rows: list[DemoRow] = field(default_factory=list)
     artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def say(self, *parts: Any) -> None:
+        """Prints a progress line (unless ``config.progress`` is off)."""
+        if self.config.progress:
+            print(*parts, flush=True)
+
+
+@dataclass
+class DemoReport:
+    """What :func:`run_demo_report` returns: the rows and the wall time of each step.
+
+    Attributes:
+        rows: the table.
+        steps: ``[(step name, seconds)]`` in the order they ran.
+        config: the demo's options.
+        float_recipe: the float training recipe (a dict).
+        started: the start time (ISO 8601, local time zone).
+        seconds: total wall time.
+    """
+
+    rows: list[DemoRow]
+    steps: list[tuple[str, float]]
+    config: DemoConfig
+    float_recipe: dict[str, Any]
+    started: str
+    seconds: float
 
 
 DemoStep = Callable[[DemoContext], "DemoRow | list[DemoRow] | None"]
@@ -120,7 +189,10 @@ def register_demo_step(name: str) -> Callable[[DemoStep], DemoStep]:
 
 
 def float_train_config(cfg: DemoConfig) -> Any:
-    """The float model's training recipe (``vit_micro_patch7_28``, AdamW, cosine)."""
+    """The float model's training recipe (``vit_micro_patch7_28``, AdamW, cosine).
+
+    Quick mode trains 3 epochs on a 20000-image subset and evaluates on 2000 test images.
+    """
     from .train.config import TrainConfig
 
     recipe = dict(
@@ -128,6 +200,8 @@ def float_train_config(cfg: DemoConfig) -> Any:
         data_path=cfg.data_path,
         train_split="train",
         eval_split="test",
+        train_subset=20000 if cfg.quick else 0,
+        eval_subset=cfg.eval_images(),
         epochs=3 if cfg.quick else 14,
         batch_size=128,
         opt="adamw",
@@ -152,7 +226,11 @@ def _param_mib(model_state: dict[str, Any]) -> float:
 
 @register_demo_step("float")
 def train_float(ctx: DemoContext) -> DemoRow:
-    """Trains (or reuses) the float model; leaves ``float_*`` artifacts for later steps."""
+    """Trains (or reuses) the float model; leaves ``float_*`` artifacts for later steps.
+
+    Every later row starts from ``last.pt`` (no model selection on the test set), so the float
+    row reports the last epoch's evaluation.
+    """
     from .train import fit
     from .train.checkpoint import load_checkpoint
     from .train.experiment import experiment_name
@@ -162,29 +240,34 @@ def train_float(ctx: DemoContext) -> DemoRow:
     # named from the recipe, so that a changed recipe trains anew instead of clashing
     run_dir = Path(cfg.output) / "float" / experiment_name(train_cfg)
     t0 = time.monotonic()
-    result = fit(train_cfg, exp_dir=run_dir)
+    result = fit(train_cfg, exp_dir=run_dir, quiet=not cfg.progress)
     cached = result.get("resumed") == "finished"
     ckpt = run_dir / "last.pt"
-    state = load_checkpoint(run_dir / "best.pt")
+    size = _param_mib(load_checkpoint(ckpt)["model"])
     ctx.artifacts.update(
         float_dir=run_dir,
         float_checkpoint=ckpt,
         float_best=run_dir / "best.pt",
         float_result=result,
         float_config=train_cfg,
+        float_size_mb=size,
     )
+    subset = f", {train_cfg.train_subset} images" if train_cfg.train_subset else ""
     return DemoRow(
         name="float32",
         top1=float(result["top1"]),
         top5=float(result["top5"]),
-        size_mb=_param_mib(state["model"]),
+        size_mb=size,
         seconds=None if cached else time.monotonic() - t0,
-        note=f"{train_cfg.model}, {train_cfg.epochs} epochs" + (", cached" if cached else ""),
+        note=f"{train_cfg.model}, {train_cfg.epochs} epochs{subset}"
+        + (", cached" if cached else ""),
+        bits="32/32",
+        compression=1.0,
     )
 
 
-def run_demo(cfg: DemoConfig) -> list[DemoRow]:
-    """Runs the demo's steps in order and returns their rows.
+def run_demo_report(cfg: DemoConfig) -> DemoReport:
+    """Runs the demo's steps in order, printing ``[k/N] step ...`` and each step's wall time.
 
     Raises:
         DataError: Fashion-MNIST is not where ``cfg.data_path`` says (with how to get it).
@@ -198,34 +281,86 @@ def run_demo(cfg: DemoConfig) -> list[DemoRow]:
     if unknown:
         raise ConfigError(f"unknown demo step(s) {', '.join(unknown)}; known: {', '.join(names)}")
     ctx = DemoContext(cfg)
-    for name, step in DEMO_STEPS:
-        if name not in wanted:
-            continue
+    todo = [(n, step) for n, step in DEMO_STEPS if n in wanted]
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t_start = time.monotonic()
+    timings: list[tuple[str, float]] = []
+    for k, (name, step) in enumerate(todo, 1):
+        ctx.say(f"[{k}/{len(todo)}] {name} ...")
+        t0 = time.monotonic()
         out = step(ctx)
+        secs = time.monotonic() - t0
+        timings.append((name, secs))
         rows = out if isinstance(out, list) else [out] if out is not None else []
+        for r in rows:
+            r.step = r.step or name
         ctx.rows.extend(rows)
-    return ctx.rows
+        ctx.say(f"[{k}/{len(todo)}] {name} done in {secs:.1f} s")
+    recipe = ctx.artifacts.get("float_config")
+    return DemoReport(
+        rows=ctx.rows,
+        steps=timings,
+        config=cfg,
+        float_recipe=recipe.to_dict() if recipe is not None else {},
+        started=started,
+        seconds=time.monotonic() - t_start,
+    )
+
+
+def run_demo(cfg: DemoConfig) -> list[DemoRow]:
+    """Runs the demo's steps in order and returns their rows (see :func:`run_demo_report`)."""
+    return run_demo_report(cfg).rows
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table_cells(rows: list[DemoRow]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the results table; ``Δ top-1`` is against the first row (float)."""
+    head = ["method", "W/A bits", "top-1 %", "Δ top-1", "size MiB", "compression", "int8 speed-up"]
+    head.append("note")
+    ref = rows[0].top1 if rows else 0.0
+    cells = []
+    for r in rows:
+        cells.append(
+            [
+                r.name,
+                r.bits,
+                f"{r.top1:.2f}",
+                "" if r is rows[0] else f"{r.top1 - ref:+.2f}",
+                _fmt(r.size_mb, ".3f"),
+                _fmt(r.compression, ".1f", "x"),
+                _fmt(r.speedup, ".2f", "x"),
+                r.note,
+            ]
+        )
+    return head, cells
 
 
 def format_table(rows: list[DemoRow]) -> str:
     """A plain-text table; ``Δ top-1`` is against the first row (the float model)."""
-    cols = ("top-1 %", "Δ top-1", "top-5 %")
-    head = (
-        f"{'model':<22} "
-        + " ".join(f"{c:>8}" for c in cols)
-        + f" {'size MiB':>9} {'time':>8}  note"
-    )
-    lines = [head, "-" * len(head)]
-    ref = rows[0].top1 if rows else 0.0
-    for r in rows:
-        delta = "" if r is rows[0] else f"{r.top1 - ref:+.2f}"
-        top5 = f"{r.top5:.2f}" if r.top5 is not None else ""
-        size = f"{r.size_mb:.3f}" if r.size_mb is not None else ""
-        secs = f"{r.seconds:.0f}s" if r.seconds is not None else ""
-        lines.append(
-            f"{r.name:<22} {r.top1:>8.2f} {delta:>8} {top5:>8} {size:>9} {secs:>8}  {r.note}"
-        )
-    return "\n".join(lines)
+    head, cells = table_cells(rows)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head[:-1])]
+    left = {0, 1}
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
+        ]
+        return "  ".join(parts) + "  " + values[-1]
+
+    out = [line(head), "-" * (sum(widths) + 2 * len(widths) + 4)]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
 
 
-from . import demo_quant as _demo_quant  # noqa: E402,F401  (registers the quantization rows)
+# the quantization rows, in table order: each module registers its steps when imported
+def _import_steps() -> None:
+    import importlib
+
+    for mod in ("demo_quant", "demo_qat", "demo_diffq", "demo_export"):
+        importlib.import_module(f".{mod}", __package__)
+
+
+_import_steps()

@@ -151,7 +151,7 @@ def test_training_reduces_quantization_error() -> None:
     first = None
     for _ in range(100):
         loss = ((q(w) - w) ** 2).mean()
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()

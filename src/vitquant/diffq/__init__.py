@@ -7,7 +7,8 @@ Quantization Noise", arXiv 2104.09987, and keeps the calls of its ``diffq`` pack
   add ``penalty * quantizer.model_size()`` to the loss;
 * :class:`UniformQuantizer`: fixed-bit min-max quantization (``qat=True`` for QAT);
 * :class:`LSQ`: learnt step size (Esser et al., 2020, arXiv 1902.08153), weights only;
-* :func:`restore_quantized_state`: rebuild the weights from a saved state, no quantizer needed.
+* :func:`restore_quantized_state`: rebuild the weights from a saved state, no quantizer needed;
+* :func:`run_diffq`: fine-tune a trained float run with DiffQ (or the QAT baseline), resumable.
 
 Every quantizer has the methods of :class:`~vitquant.diffq.base.BaseQuantizer`:
 ``setup_optimizer``, ``model_size``, ``true_model_size``, ``packed_model_size``,
@@ -27,6 +28,7 @@ from .api import (
 )
 from .base import BaseQuantizer, QuantizedParam
 from .diffq import DiffQuantizer
+from .experiment import command_line, diffq_config, method_values, run_diffq
 from .lsq import LSQ
 from .state import check_state
 from .uniform import UniformQuantizer
@@ -43,4 +45,8 @@ __all__ = [
     "save_quantized_state",
     "load_quantized_state",
     "check_state",
+    "run_diffq",
+    "diffq_config",
+    "method_values",
+    "command_line",
 ]

@@ -15,7 +15,10 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["ROWS", "row_command", "run_row", "float_and_ptq", "main"]
+__all__ = ["ROWS", "OSC_KEYS", "row_command", "run_row", "float_and_ptq", "main"]
+
+#: per-epoch oscillation numbers the ``vvtq`` method logs (see ``oscillation_stats``)
+OSC_KEYS = ("osc_pct", "frozen_pct", "flip_pct", "flip2_pct", "change_pct")
 
 #: row name -> (method, method options); bits are added per table
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -28,7 +31,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "vvtq-no-reg": ("vvtq", {"reg": False}),
     "vvtq-no-freeze": ("vvtq", {"reg": True, "freeze": False}),
     "vvtq-no-reg-no-freeze": ("vvtq", {"reg": False, "freeze": False}),
+    "vvtq-reg1-no-freeze": ("vvtq", {"reg": True, "reg_max": 1.0, "freeze": False}),
     "vvtq-reg100-no-freeze": ("vvtq", {"reg": True, "reg_max": 100.0, "freeze": False}),
+    # freezing at a threshold the measured frequencies reach (see docs/qat.md)
+    "vvtq-no-reg-th02": ("vvtq", {"reg": False, "osc_threshold": 0.02}),
     "ft-qat": ("ft-qat", {}),
 }
 
@@ -64,19 +70,21 @@ def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]
     opts = {"wbits": b, "abits": b, **opts}
     res = run_qat(method, finetune, method_args=opts, name=f"{name}-w{b}a{b}", **train)
     log_path = os.path.join(res["experiment"], "log.jsonl")
-    epochs = [json.loads(line) for line in open(log_path)]
-    osc = [round(r["osc_pct"], 3) for r in epochs if "osc_pct" in r]
-    frozen = [round(r["frozen_pct"], 3) for r in epochs if "frozen_pct" in r]
+    with open(log_path, encoding="utf-8") as f:
+        epochs = [json.loads(line) for line in f if line.strip()]
     cmd_train = {k: v for k, v in train.items() if k not in ("output", "quiet", "amp", "device")}
-    return {
+    rec: dict[str, Any] = {
         "row": name,
         "bits": b,
         "top1": res["top1"],
-        "osc_pct_per_epoch": osc,
-        "frozen_pct_per_epoch": frozen,
-        "command": row_command(method, opts, finetune, cmd_train),
-        "train_time_s": res["train_time_s"],
+        "top1_per_epoch": [r.get("top1") for r in epochs],
     }
+    for key in OSC_KEYS:
+        rec[f"{key}_per_epoch"] = [round(r[key], 3) for r in epochs if key in r]
+    rec["command"] = row_command(method, opts, finetune, cmd_train)
+    rec["experiment"] = res["experiment"]
+    rec["train_time_s"] = res["train_time_s"]
+    return rec
 
 
 def float_and_ptq(
@@ -114,28 +122,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--finetune", required=True)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 2])
-    p.add_argument("--rows", nargs="+", default=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=0)
     p.add_argument("--eval-subset", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: run_qat's)")
+    p.add_argument(
+        "--augment",
+        default="none",
+        choices=["none", "default", "rrc"],
+        help="training augmentation (the demo float model was trained without)",
+    )
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--output", default="runs/qat-ablation")
     p.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
     p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--no-float", action="store_true", help="skip the float and PTQ rows")
     p.add_argument("--one", nargs=2, metavar=("ROW", "BITS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    train = dict(
+    train: dict[str, Any] = dict(
         epochs=a.epochs,
         train_subset=a.train_subset,
         eval_subset=a.eval_subset,
         batch_size=a.batch_size,
+        augment=a.augment,
+        eval_every=a.eval_every,
         device=a.device,
         amp=False,
         output=a.output,
         data_path=a.data_path,
     )
+    if a.lr is not None:
+        train["lr"] = a.lr
     if a.one:
         rec = run_row(a.one[0], int(a.one[1]), a.finetune, **train)
         print(json.dumps(rec), flush=True)
@@ -145,27 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     ]
     records: list[dict[str, Any]] = []
     procs: list[subprocess.Popen] = []
-    base = [
-        sys.executable,
-        "-m",
-        "vitquant.qat.ablation",
-        "--finetune",
-        a.finetune,
-        "--epochs",
-        str(a.epochs),
-        "--train-subset",
-        str(a.train_subset),
-        "--eval-subset",
-        str(a.eval_subset),
-        "--batch-size",
-        str(a.batch_size),
-        "--device",
-        a.device,
-        "--output",
-        a.output,
-        "--data-path",
-        a.data_path,
-    ]
+    base = [sys.executable, "-m", "vitquant.qat.ablation", "--finetune", a.finetune]
+    for opt in (
+        "epochs",
+        "train_subset",
+        "eval_subset",
+        "batch_size",
+        "augment",
+        "eval_every",
+        "device",
+        "output",
+        "data_path",
+    ):
+        base += ["--" + opt.replace("_", "-"), str(getattr(a, opt))]
+    if a.lr is not None:
+        base += ["--lr", str(a.lr)]
     pending = list(jobs)
     while pending or procs:
         while pending and len(procs) < max(1, a.jobs):
@@ -179,18 +194,26 @@ def main(argv: list[str] | None = None) -> int:
             if line.startswith("{"):
                 records.append(json.loads(line))
                 print(line, flush=True)
-    extra = float_and_ptq(
-        a.finetune,
-        "vit_micro_patch7_28",
-        a.data_path,
-        "cuda" if a.device in ("auto", "cuda") and _cuda() else "cpu",
-        a.eval_subset,
-    )
-    print(json.dumps(extra), flush=True)
+    extra: dict[str, float] = {}
+    if not a.no_float:
+        extra = float_and_ptq(
+            a.finetune,
+            "vit_micro_patch7_28",
+            a.data_path,
+            "cuda" if a.device in ("auto", "cuda") and _cuda() else "cpu",
+            a.eval_subset,
+        )
+        print(json.dumps(extra), flush=True)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"rows": records, **extra}, f, indent=1)
+        _write_json(a.json, {"rows": records, **extra})
     return 0
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _cuda() -> bool:

@@ -9,9 +9,17 @@ value. Unlike VVTQ's code, where the frozen values never reach the forward pass,
 :meth:`OscillationTracker.apply` substitutes them, so frozen weights really stop moving (and get no
 gradient).
 
+Next to that thresholded EMA, the tracker keeps a threshold-free *window* count on the integer
+codes the forward pass really uses (frozen weights at their frozen value): per weight, how many
+times its code reversed direction (moved up after its last move was down, or the reverse) and
+whether it changed at all since :meth:`OscillationTracker.reset_window`. The fraction of weights
+with at least one reversal in a window (an epoch, say) measures oscillation without choosing a
+momentum or a threshold.
+
 The state lives in buffers (saved with the model, so a resumed run continues where it stopped);
 they are created at the first update, with the weight's shape, and resized when a state dict is
-loaded into a fresh tracker.
+loaded into a fresh tracker. A state dict saved before the window buffers existed loads with an
+empty window.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from ..errors import ConfigError
 
 __all__ = ["OscillationTracker"]
 
-_BUFFERS = ("prev_int", "prev_sign", "ema_osc", "ema_int", "frozen", "frozen_int")
+_WINDOW = ("code_prev", "code_sign", "window_flips", "window_changed")
+_BUFFERS = ("prev_int", "prev_sign", "ema_osc", "ema_int", "frozen", "frozen_int", *_WINDOW)
 
 
 class OscillationTracker(nn.Module):
@@ -59,6 +68,12 @@ class OscillationTracker(nn.Module):
         self.register_buffer("ema_int", torch.empty(0))
         self.register_buffer("frozen", torch.empty(0, dtype=torch.bool))
         self.register_buffer("frozen_int", torch.empty(0))
+        # threshold-free window statistics on the codes the forward pass uses
+        self.register_buffer("code_prev", torch.empty(0))
+        self.register_buffer("code_sign", torch.empty(0, dtype=torch.int8))
+        self.register_buffer("window_flips", torch.empty(0, dtype=torch.int32))
+        self.register_buffer("window_changed", torch.empty(0, dtype=torch.bool))
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
 
     # --- state ------------------------------------------------------------------------------
     def _init_state(self, x_int: Tensor) -> None:
@@ -69,15 +84,42 @@ class OscillationTracker(nn.Module):
         self.ema_int = x.clone()
         self.frozen = torch.zeros_like(x, dtype=torch.bool)
         self.frozen_int = torch.zeros_like(x)
+        self._init_window(x)
+
+    def _init_window(self, codes: Tensor, sign: Tensor | None = None) -> None:
+        self.code_prev = codes.clone()
+        if sign is None or sign.shape != codes.shape:
+            sign = torch.zeros_like(codes, dtype=torch.int8)
+        self.code_sign = sign.to(torch.int8).clone()
+        self.window_flips = torch.zeros_like(codes, dtype=torch.int32)
+        self.window_changed = torch.zeros_like(codes, dtype=torch.bool)
+        self.window_steps.zero_()
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         for name in _BUFFERS:
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        absent = [prefix + n for n in (*_WINDOW, "window_steps") if prefix + n not in state_dict]
+        if absent:  # saved before the window statistics existed: start an empty window
+            for key in absent:
+                if key in missing_keys:
+                    missing_keys.remove(key)
+            # the last direction of the latent codes is that of the used ones (frozen codes
+            # never move again, so their direction does not matter)
+            self._init_window(self._codes(self.prev_int), self.prev_sign)
 
     @property
     def initialized(self) -> bool:
@@ -111,6 +153,32 @@ class OscillationTracker(nn.Module):
                 self.frozen_int = torch.where(new, torch.round(self.ema_int), self.frozen_int)
                 self.frozen |= new
         self.steps.add_(1)
+        self._update_window(self._codes(x))
+
+    def _codes(self, x: Tensor) -> Tensor:
+        """The integer codes the forward pass uses for latent codes ``x`` (frozen ones replaced)."""
+        if self.freeze and self.frozen.shape == x.shape:
+            return torch.where(self.frozen, self.frozen_int, x)
+        return x.clone()
+
+    def _update_window(self, codes: Tensor) -> None:
+        if self.code_prev.shape != codes.shape:
+            self._init_window(codes)
+            return
+        delta = codes - self.code_prev
+        sign = torch.sign(delta).to(torch.int8)
+        self.window_flips += ((sign * self.code_sign) < 0).to(torch.int32)
+        self.window_changed |= delta != 0
+        self.code_sign = torch.where(delta != 0, sign, self.code_sign)
+        self.code_prev = codes
+        self.window_steps.add_(1)
+
+    def reset_window(self) -> None:
+        """Starts a new window of flip counts (the last code and direction are kept)."""
+        if self.initialized:
+            self.window_flips.zero_()
+            self.window_changed.zero_()
+        self.window_steps.zero_()
 
     def apply(self, x_int: Tensor) -> Tensor:
         """Replaces the frozen weights' integers by their frozen values (no gradient there)."""
@@ -139,6 +207,20 @@ class OscillationTracker(nn.Module):
             int((self.ema_osc > self.threshold).sum()),
             int(self.frozen.sum()),
             self.ema_osc.numel(),
+        )
+
+    def window_counts(self, min_flips: int = 1) -> tuple[int, int, int]:
+        """``(flipped, changed, total)`` weight counts of the current window.
+
+        ``flipped``: weights whose code reversed direction at least ``min_flips`` times since
+        :meth:`reset_window`; ``changed``: weights whose code changed at all.
+        """
+        if not self.initialized or self.window_flips.numel() == 0:
+            return 0, 0, 0
+        return (
+            int((self.window_flips >= min_flips).sum()),
+            int(self.window_changed.sum()),
+            self.window_flips.numel(),
         )
 
     def extra_repr(self) -> str:

@@ -12,7 +12,9 @@ Precision" (TMLR 2024, arXiv 2307.00331):
 * the bin regulariser with its cosine schedule (``--reg``, zero for the first quarter, then up
   to ``--reg-max``);
 * oscillation tracking that really freezes oscillating weights (``--freeze``); the fraction of
-  oscillating and frozen weights is logged per epoch (``osc_pct``, ``frozen_pct``).
+  oscillating and frozen weights is logged per epoch (``osc_pct``, ``frozen_pct``), next to the
+  threshold-free fraction of weights whose integer code reversed direction during the epoch
+  (``flip_pct``, ``flip2_pct`` for twice or more; ``change_pct``: code changed at all).
 """
 
 from __future__ import annotations
@@ -68,16 +70,39 @@ class VVTQConfig(QATMethodConfig):
             raise ConfigError("num_crops must be >= 1")
 
 
-def oscillation_stats(model: nn.Module) -> dict[str, float]:
-    """Percentages of oscillating and frozen weights over all VVTQ weight quantizers."""
-    osc = frozen = total = 0
+def oscillation_stats(model: nn.Module, reset: bool = False) -> dict[str, float]:
+    """Percentages of oscillating, frozen and flipping weights over all VVTQ weight quantizers.
+
+    Args:
+        model: a model prepared by the ``vvtq`` method.
+        reset: start a new window of flip counts afterwards (at the end of an epoch).
+
+    Returns:
+        ``osc_pct`` (EMA frequency above the threshold now), ``frozen_pct``, and over the window
+        since the last reset: ``flip_pct`` (weights whose integer code reversed direction at least
+        once), ``flip2_pct`` (at least twice) and ``change_pct`` (code changed at all); empty
+        when the model has no VVTQ quantizer.
+    """
+    osc = frozen = total = flips = flips2 = changed = 0
     for m in model.modules():
         if isinstance(m, VVTQQuantizer):
-            o, f, t = m.oscillation.counts()
+            tr = m.oscillation
+            o, f, t = tr.counts()
+            fl, ch, _ = tr.window_counts(1)
+            fl2, _, _ = tr.window_counts(2)
             osc, frozen, total = osc + o, frozen + f, total + t
+            flips, flips2, changed = flips + fl, flips2 + fl2, changed + ch
+            if reset:
+                tr.reset_window()
     if total == 0:
         return {}
-    return {"osc_pct": 100.0 * osc / total, "frozen_pct": 100.0 * frozen / total}
+    return {
+        "osc_pct": 100.0 * osc / total,
+        "frozen_pct": 100.0 * frozen / total,
+        "flip_pct": 100.0 * flips / total,
+        "flip2_pct": 100.0 * flips2 / total,
+        "change_pct": 100.0 * changed / total,
+    }
 
 
 def _flatten_crops(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -175,4 +200,4 @@ class VVTQMethod(QATMethod):
         return total
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        return oscillation_stats(model)
+        return oscillation_stats(model, reset=True)
