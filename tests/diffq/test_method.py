@@ -93,3 +93,13 @@ def test_run_names_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "torch.distributed.run" in line and "--name exp_bits=3,lsq=true,x" in line
     assert main(["diffq", "run", "-p", "1", "-b", "4", "--output", "/nonexistent/x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_nothing_to_quantize_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # every parameter of the nano ViT is under 100 MB: DiffQ has no bit logit to train
+    cmd = ["diffq", "run", "-p", "1", "--min-size", "100", "--output", str(tmp_path), *RUN]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "no parameter to quantize" in err and "Traceback" not in err

@@ -129,6 +129,11 @@ class DiffQMethod(TrainMethod):
         if not isinstance(self.quantizer, DiffQuantizer):
             return []
         params = self.quantizer.extra_parameters()
+        if not params:
+            raise ConfigError(
+                "DiffQ found no parameter to quantize (all are excluded or under min_size="
+                f"{self.cfg.min_size} MB): lower --min-size or change --exclude"
+            )
         return [torch.optim.Adam(params, lr=self.cfg.bits_lr, weight_decay=0.0)]
 
     def penalty(self, model: nn.Module) -> Tensor | None:
