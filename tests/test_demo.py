@@ -207,3 +207,12 @@ def test_plot_is_skipped_without_matplotlib(
     rows = [DemoRow("float32", 90.0, size_mb=4.0, bits="32/32")]
     assert plot_accuracy_vs_size(rows, tmp_path / "p.png") is False
     assert not (tmp_path / "p.png").exists()
+
+
+def test_large_model_speedup_times_both_models() -> None:
+    from vitquant.demo_export import large_model_speedup
+
+    speed = large_model_speedup("vit_nano_patch4_28", batch=2, repeats=2)
+    assert speed["float_ms"] > 0 and speed["int8_ms"] > 0 and speed["speedup"] > 0
+    # the int8 model stores its weights in a quarter of the bytes (plus scales)
+    assert speed["int8_weight_bytes"] < 0.5 * speed["float_weight_bytes"]

@@ -137,6 +137,13 @@ def test_bad_softlabel_folders(
     code = train(tmp_path / "c", *args, "--softlabel-path", softlabels, "--num-crops", "4")
     assert code == 2
     one_line_error(capsys, "num_crops")
+    # soft labels are the distillation: a second teacher would be silently ignored
+    code = train(
+        tmp_path / "t", *args, "--softlabel-path", softlabels, "--teacher", float_run,
+        "--distillation-type", "soft",
+    )  # fmt: skip
+    assert code == 2
+    one_line_error(capsys, "--softlabel-path", "--distillation-type soft")
     # a record missing
     broken = tmp_path / "broken"
     shutil.copytree(softlabels, broken)

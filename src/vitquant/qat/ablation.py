@@ -32,7 +32,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "vvtq-no-freeze": ("vvtq", {"reg": True, "freeze": False}),
     "vvtq-no-reg-no-freeze": ("vvtq", {"reg": False, "freeze": False}),
     "vvtq-reg1-no-freeze": ("vvtq", {"reg": True, "reg_max": 1.0, "freeze": False}),
+    "vvtq-reg10-no-freeze": ("vvtq", {"reg": True, "reg_max": 10.0, "freeze": False}),
     "vvtq-reg100-no-freeze": ("vvtq", {"reg": True, "reg_max": 100.0, "freeze": False}),
+    "vvtq-reg100": ("vvtq", {"reg": True, "reg_max": 100.0}),
     # freezing at a threshold the measured frequencies reach (see docs/qat.md)
     "vvtq-no-reg-th02": ("vvtq", {"reg": False, "osc_threshold": 0.02}),
     "ft-qat": ("ft-qat", {}),

@@ -155,6 +155,11 @@ class VVTQMethod(QATMethod):
     # --- hooks ------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         c: VVTQConfig = self.config  # type: ignore[assignment]
+        if c.softlabel_path and ctx.config.distillation_type != "none":
+            raise ConfigError(
+                "--softlabel-path already distils from the teacher that wrote the soft labels: "
+                f"drop --distillation-type {ctx.config.distillation_type} (or the soft labels)"
+            )
         if c.softlabel_path:
             model.register_forward_pre_hook(_flatten_crops)
         model = super().prepare_model(model, ctx)
