@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["ROWS", "OSC_KEYS", "row_command", "run_row", "float_and_ptq", "main"]
+__all__ = ["ROWS", "OSC_KEYS", "TRAIN_OPTIONS", "row_command", "run_row", "float_and_ptq", "main"]
 
 #: per-epoch oscillation numbers the ``vvtq`` method logs (see ``oscillation_stats``)
 OSC_KEYS = ("osc_pct", "frozen_pct", "flip_pct", "flip2_pct", "change_pct")
@@ -38,7 +38,14 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     # freezing at a threshold the measured frequencies reach (see docs/qat.md)
     "vvtq-no-reg-th02": ("vvtq", {"reg": False, "osc_threshold": 0.02}),
     "ft-qat": ("ft-qat", {}),
+    # the seeds' full recipes add DeiT distillation from the float teacher (Q-ViT: hard)
+    "lsq-hard-kd": ("lsq", {"distillation_type": "hard"}),
+    "qvit-hard-kd": ("qvit", {"distillation_type": "hard"}),
 }
+
+#: row options that are training options (the rest are the method's); a distillation row's
+#: teacher is the ``--finetune`` float model
+TRAIN_OPTIONS = ("distillation_type", "distillation_alpha", "distillation_tau")
 
 
 def _flag(k: str, v: Any) -> str:
@@ -53,8 +60,9 @@ def row_command(method: str, opts: dict[str, Any], finetune: str, train: dict[st
     from .run import FT_QAT_DEFAULTS, QAT_DEFAULTS
 
     base = FT_QAT_DEFAULTS if method == "ft-qat" else QAT_DEFAULTS
+    train = dict(train)
     parts = [
-        "vitquant train --model vit_micro_patch7_28",
+        f"vitquant train --model {train.pop('model', 'vit_micro_patch7_28')}",
         f"--method {method}",
         f"--finetune {finetune}",
     ]
@@ -67,9 +75,14 @@ def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]
     """Runs one row at ``bits`` (weights and activations; ft-qat: 8) and returns its record."""
     from .run import run_qat
 
-    method, opts = ROWS[name]
+    method, row_opts = ROWS[name]
     b = 8 if method == "ft-qat" else bits
-    opts = {"wbits": b, "abits": b, **opts}
+    opts = {"wbits": b, "abits": b}
+    for k, v in row_opts.items():
+        if k in TRAIN_OPTIONS:
+            train = {**train, k: v, "teacher": finetune}
+        else:
+            opts[k] = v
     res = run_qat(method, finetune, method_args=opts, name=f"{name}-w{b}a{b}", **train)
     log_path = os.path.join(res["experiment"], "log.jsonl")
     with open(log_path, encoding="utf-8") as f:

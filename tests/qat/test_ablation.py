@@ -1,0 +1,53 @@
+"""The QAT ablation's rows (``vitquant.qat.ablation``) on a tiny float ViT and digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitquant.qat.ablation import ROWS, run_row
+from vitquant.train import TrainConfig, fit
+
+TINY = dict(
+    model="vit_nano_patch4_28",
+    data_path="digits",
+    epochs=2,
+    train_subset=64,
+    eval_subset=32,
+    batch_size=32,
+    quiet=True,
+)
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("float") / "run"
+    cfg = TrainConfig(
+        model="vit_nano_patch4_28", data_path="digits", train_subset=64, eval_subset=32,
+        batch_size=32, epochs=1, warmup_epochs=0,
+    )  # fmt: skip
+    fit(cfg, exp_dir=out, quiet=True)
+    return str(out)
+
+
+def test_distillation_row_uses_the_float_teacher(float_run: str, tmp_path: Path) -> None:
+    rec = run_row("qvit-hard-kd", 3, float_run, output=str(tmp_path), **TINY)
+    assert rec["row"] == "qvit-hard-kd" and rec["bits"] == 3 and 0 <= rec["top1"] <= 100
+    cfg = yaml.safe_load((Path(rec["experiment"]) / "config.yaml").read_text())
+    assert cfg["distillation_type"] == "hard" and cfg["teacher"] == float_run
+    assert cfg["method_args"]["wbits"] == 3 and "distillation_type" not in cfg["method_args"]
+    cmd = rec["command"]
+    assert cmd.startswith("vitquant train --model vit_nano_patch4_28 --method qvit")
+    assert f"--distillation-type hard --teacher {float_run}" in cmd and "--wbits 3" in cmd
+
+
+def test_vvtq_row_reports_oscillations_per_epoch(float_run: str, tmp_path: Path) -> None:
+    assert ROWS["vvtq-reg100-no-freeze"][1] == {"reg": True, "reg_max": 100.0, "freeze": False}
+    rec = run_row("vvtq-reg100-no-freeze", 4, float_run, output=str(tmp_path), **TINY)
+    for key in ("osc_pct", "frozen_pct", "flip_pct", "change_pct"):
+        values = rec[f"{key}_per_epoch"]
+        assert len(values) == 2 and all(0 <= v <= 100 for v in values), key
+    assert rec["frozen_pct_per_epoch"] == [0.0, 0.0]  # --no-freeze
+    assert "--reg --reg-max 100.0 --no-freeze" in rec["command"]
