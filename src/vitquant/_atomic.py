@@ -15,8 +15,14 @@ import torch
 __all__ = ["atomic_write", "atomic_torch_save"]
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """Calls ``write(f)`` on a temporary binary file, syncs it, then renames it to ``path``."""
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], sync: bool = True
+) -> Path:
+    """Calls ``write(f)`` on a temporary binary file, syncs it, then renames it to ``path``.
+
+    ``sync=False`` skips the ``fsync`` (still never a half-written file under ``path``): for many
+    small files that can be rewritten, such as soft-label records.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,7 +30,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .._atomic import atomic_write
 from ..errors import ConfigError, DataError
 
 __all__ = [
@@ -173,24 +173,12 @@ def record_path(folder: str, index: int) -> str:
     return os.path.join(folder, f"{index // SHARD:05d}", f"{index:08d}.safetensors")
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_record(folder: str, index: int, record: SoftLabelRecord) -> None:
     """Writes one image's record atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    _atomic_write(record_path(folder, index), lambda p: save_file(record.to_dict(), p))
+    data = save(record.to_dict())
+    atomic_write(record_path(folder, index), lambda f: f.write(data), sync=False)
 
 
 def read_record(folder: str, index: int) -> SoftLabelRecord:
@@ -210,11 +198,8 @@ def read_record(folder: str, index: int) -> SoftLabelRecord:
 def write_meta(folder: str, meta: dict[str, Any]) -> None:
     """Writes ``meta.json`` atomically."""
 
-    def write(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-
-    _atomic_write(os.path.join(folder, "meta.json"), write)
+    text = json.dumps(meta, indent=1, sort_keys=True).encode()
+    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(text))
 
 
 def read_meta(folder: str) -> dict[str, Any]:

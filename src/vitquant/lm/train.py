@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._atomic import atomic_write
 from ..diffq import BaseQuantizer, DiffQuantizer, save_quantized_state
 from ..errors import ConfigError
 from ..train.methods.diffq import DiffQMethodConfig, build_quantizer, size_report
@@ -185,9 +185,8 @@ def train_lm(cfg: LMTrainConfig, corpus: Corpus | None = None, quiet: bool = Fal
     if out:
         if quantizer is not None:
             save_quantized_state(quantizer, out / "quantized.th")
-        tmp = out / ".report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-        os.replace(tmp, out / "report.json")
+        text = json.dumps(report, indent=2, sort_keys=True).encode()
+        atomic_write(out / "report.json", lambda f: f.write(text))
     if not quiet:
         size = f" | size {report['model_size_mb']:.4f} MB" if "model_size_mb" in report else ""
         print(f"| test | loss {test:.3f} | ppl {report['test_ppl']:.2f}{size}", flush=True)
