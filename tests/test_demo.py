@@ -13,6 +13,7 @@ import pytest
 
 import vitquant.cli as cli
 from vitquant.demo import DEMO_STEPS, DemoConfig, DemoReport, DemoRow, format_table, run_demo_report
+from vitquant.demo_ablation import ABLATION_ROWS
 from vitquant.demo_report import markdown_table, plot_accuracy_vs_size, write_report
 from vitquant.errors import ConfigError
 
@@ -25,6 +26,12 @@ EXPECTED_ROWS = [
     "QAT W4A4 LSQ",
     "Q-ViT W4A4",
     "VVTQ W4A4",
+    "LSQ W2A2",
+    "Q-ViT W2A2",
+    "Q-ViT W2A2 no IRM",
+    "Q-ViT W2A2 no DGD",
+    "VVTQ W2A2",
+    "VVTQ W2A2 no reg/freeze",
     "DiffQ λ=1",
     "DiffQ λ=10",
     "export (QAT W4A4 LSQ)",
@@ -152,9 +159,10 @@ def test_second_run_reuses_every_training_run(demo_runs: dict) -> None:
     first: list[DemoRow] = demo_runs["first"].rows
     second: list[DemoRow] = demo_runs["second"].rows
     assert demo_runs["dirs"] == demo_runs["dirs_after"]  # no new experiment folder
-    # float, 3 QAT methods, 2 DiffQ penalties
-    assert len(demo_runs["dirs"]) == 6
+    # float, 3 QAT methods at W4A4, 6 rows at W2A2, 2 DiffQ penalties
+    assert len(demo_runs["dirs"]) == 12
     trained = {"float32", "QAT W4A4 LSQ", "Q-ViT W4A4", "VVTQ W4A4", "DiffQ λ=1", "DiffQ λ=10"}
+    trained |= set(ABLATION_ROWS)
     for a, b in zip(first, second):
         assert a.name == b.name
         assert b.top1 == pytest.approx(a.top1) and b.size_mb == pytest.approx(a.size_mb)
@@ -216,3 +224,16 @@ def test_large_model_speedup_times_both_models() -> None:
     assert speed["float_ms"] > 0 and speed["int8_ms"] > 0 and speed["speedup"] > 0
     # the int8 model stores its weights in a quarter of the bytes (plus scales)
     assert speed["int8_weight_bytes"] < 0.5 * speed["float_weight_bytes"]
+
+
+def test_quick_results_do_not_overwrite_the_full_table() -> None:
+    assert DemoConfig(output="r").results_dir() == Path("r")
+    assert DemoConfig(output="r", quick=True).results_dir() == Path("r/quick")
+    assert DemoConfig(output="r", out="x", quick=True).results_dir() == Path("x")
+
+
+def test_two_bit_rows_report_oscillation(demo_runs: dict) -> None:
+    by = {r.name: r for r in demo_runs["first"].rows}
+    for name, (method, _, _) in ABLATION_ROWS.items():
+        assert by[name].bits == "2/2" and 0 <= by[name].top1 <= 100, name
+        assert ("codes flipped in the epoch" in by[name].note) == (method == "vvtq"), name

@@ -9,6 +9,8 @@ register themselves with :func:`register_demo_step` and read what earlier steps 
 
 * :mod:`vitquant.demo_quant`: PTQ W8A8 (ft1, ft2), W4A4 min-max and ViT-specific;
 * :mod:`vitquant.demo_qat`: QAT W4A4 with LSQ, Q-ViT and VVTQ (cached fine-tuning runs);
+* :mod:`vitquant.demo_ablation`: W2A2 rows, LSQ against Q-ViT ± IRM ± DGD and VVTQ ± regulariser
+  and freezing;
 * :mod:`vitquant.demo_diffq`: DiffQ at two size penalties (cached fine-tuning runs);
 * :mod:`vitquant.demo_export`: the packed export of a W4 model and the int8 runtime.
 
@@ -64,7 +66,7 @@ class DemoConfig:
         data_path: Fashion-MNIST folder (default: ``$VITQUANT_DATA`` or the Debian one).
         output: folder of the demo's runs (float, QAT and DiffQ experiment folders).
         out: folder of ``results.json``, ``results.md`` and ``accuracy_vs_size.png``
-            (default: ``output``).
+            (default: ``output``, or ``output/quick`` in quick mode).
         quick: the < 5 minute version (short float training, small training subsets, 2000 test
             images).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
@@ -98,8 +100,11 @@ class DemoConfig:
         return QUICK_EVAL_IMAGES if self.quick else 0
 
     def results_dir(self) -> Path:
-        """Where the results files go."""
-        return Path(self.out or self.output)
+        """Where the results files go: ``out``, else ``output`` (``output/quick`` in quick mode,
+        so that a first look never overwrites the full run's table)."""
+        if self.out:
+            return Path(self.out)
+        return Path(self.output) / "quick" if self.quick else Path(self.output)
 
 
 @dataclass
@@ -359,7 +364,7 @@ def format_table(rows: list[DemoRow]) -> str:
 def _import_steps() -> None:
     import importlib
 
-    for mod in ("demo_quant", "demo_qat", "demo_diffq", "demo_export"):
+    for mod in ("demo_quant", "demo_qat", "demo_ablation", "demo_diffq", "demo_export"):
         importlib.import_module(f".{mod}", __package__)
 
 

@@ -23,7 +23,14 @@ from typing import Any
 from .demo import DemoContext, DemoRow, register_demo_step
 from .demo_utils import epochs_text, finetune_recipe, load_trained, size_fields, true_size
 
-__all__ = ["QAT_TRAIN_IMAGES", "VVTQ_SOFTLABELS", "VVTQ_CROPS", "qat_row"]
+__all__ = [
+    "QAT_TRAIN_IMAGES",
+    "VVTQ_SOFTLABELS",
+    "VVTQ_CROPS",
+    "VVTQ_TRAIN_IMAGES",
+    "qat_row",
+    "softlabel_folder",
+]
 
 #: training images of one QAT row: (normal, quick)
 QAT_TRAIN_IMAGES = (20000, 3000)
@@ -100,7 +107,7 @@ def qvit_row(ctx: DemoContext) -> DemoRow:
     return qat_row(ctx, "Q-ViT W4A4", "qvit", args, n, "IRM + DGD", epochs=epochs)
 
 
-def _softlabel_folder(ctx: DemoContext, train_images: int) -> str:
+def softlabel_folder(ctx: DemoContext, train_images: int) -> str:
     """Makes (once) the float model's soft labels of the VVTQ training subset; its folder."""
     from .data.softlabels import read_meta
     from .qat import make_softlabels
@@ -135,7 +142,7 @@ def vvtq_row(ctx: DemoContext) -> DemoRow:
     if VVTQ_SOFTLABELS:
         n = _images(ctx, VVTQ_TRAIN_IMAGES)
         n = int(ctx.config.finetune_overrides.get("train_subset", n))
-        args.update(softlabel_path=_softlabel_folder(ctx, n), num_crops=VVTQ_CROPS)
+        args.update(softlabel_path=softlabel_folder(ctx, n), num_crops=VVTQ_CROPS)
         note = f"split q/k/v, freezing, FKD soft labels ({VVTQ_CROPS} crops/image)"
         return qat_row(ctx, "VVTQ W4A4", "vvtq", args, n, note)
     teacher = str(ctx.artifacts["float_checkpoint"])

@@ -1,0 +1,72 @@
+"""The demo's 2-bit QAT rows: what each part of Q-ViT and VVTQ adds, against plain LSQ, at W2A2.
+
+Same fine-tuning budget for every row (one epoch on a training subset, AdamW 5e-4; VVTQ sees
+each of its images twice, as two recorded crops of the float model's soft labels):
+
+* LSQ (Esser et al., 2020, arXiv 1902.08153);
+* Q-ViT with IRM and DGD, without IRM, without DGD (Li et al., 2022, arXiv 2210.06707);
+* VVTQ with the bin regulariser (λ = 100: VVTQ's 0.01 does nothing in weight units on this model,
+  see ``docs/qat.md``) and oscillation freezing, and without either (Huang et al., 2024,
+  arXiv 2307.00331); their notes give the fraction of weights whose integer code reversed
+  direction during the epoch.
+
+The longer ablation (4 epochs, W4A4/W3A3/W2A2, every combination) is ``python -m
+vitquant.qat.ablation``; its results are in ``docs/qat.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .demo import DemoContext, DemoRow, register_demo_step
+from .demo_qat import VVTQ_CROPS, VVTQ_TRAIN_IMAGES, qat_row, softlabel_folder
+
+__all__ = ["ABLATION_TRAIN_IMAGES", "ABLATION_LR", "ABLATION_ROWS", "ablation_rows"]
+
+#: training images of the LSQ and Q-ViT rows: (normal, quick)
+ABLATION_TRAIN_IMAGES = (20000, 3000)
+#: learning rate of the 2-bit rows (2 bits need the weights to move further than 4 do)
+ABLATION_LR = 5e-4
+#: row name -> (method, method options, note)
+ABLATION_ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "LSQ W2A2": ("lsq", {}, "LSQ"),
+    "Q-ViT W2A2": ("qvit", {"irm": True, "dgd": True}, "IRM + DGD"),
+    "Q-ViT W2A2 no IRM": ("qvit", {"irm": False, "dgd": True}, "DGD only"),
+    "Q-ViT W2A2 no DGD": ("qvit", {"irm": True, "dgd": False}, "IRM only"),
+    "VVTQ W2A2": ("vvtq", {"reg": True, "reg_max": 100.0, "freeze": True}, "reg λ=100 + freezing"),
+    "VVTQ W2A2 no reg/freeze": ("vvtq", {"reg": False, "freeze": False}, "neither"),
+}
+
+
+def _last_epoch(experiment: str) -> dict[str, Any]:
+    lines = (Path(experiment) / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def ablation_rows(ctx: DemoContext) -> list[DemoRow]:
+    """Trains (or finds finished) every row of :data:`ABLATION_ROWS`; their table rows."""
+    quick = ctx.config.quick
+    rows = []
+    for name, (method, opts, note) in ABLATION_ROWS.items():
+        args: dict[str, Any] = {"wbits": 2, "abits": 2, "init": "percentile", **opts}
+        if method == "vvtq":
+            n = VVTQ_TRAIN_IMAGES[1] if quick else VVTQ_TRAIN_IMAGES[0]
+            n = int(ctx.config.finetune_overrides.get("train_subset", n))
+            args.update(softlabel_path=softlabel_folder(ctx, n), num_crops=VVTQ_CROPS)
+            note = f"{note}, FKD soft labels"
+        else:
+            n = ABLATION_TRAIN_IMAGES[1] if quick else ABLATION_TRAIN_IMAGES[0]
+        row = qat_row(ctx, name, method, args, n, note, lr=ABLATION_LR)
+        last = _last_epoch(ctx.artifacts[f"run:{name}"])
+        if "flip_pct" in last:
+            row.note += f"; codes flipped in the epoch: {last['flip_pct']:.1f} % of weights"
+        rows.append(row)
+    return rows
+
+
+@register_demo_step("qat-2bit")
+def qat_2bit_rows(ctx: DemoContext) -> list[DemoRow]:
+    """W2A2 rows: LSQ, Q-ViT ± IRM ± DGD, VVTQ ± regulariser and freezing."""
+    return ablation_rows(ctx)
