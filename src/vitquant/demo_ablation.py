@@ -18,12 +18,11 @@ vitquant.qat.ablation``; its results are in ``docs/qat.md``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from .demo import DemoContext, DemoRow, register_demo_step
 from .demo_qat import VVTQ_CROPS, VVTQ_TRAIN_IMAGES, qat_row, softlabel_folder
+from .train.experiment import Experiment
 
 __all__ = ["ABLATION_TRAIN_IMAGES", "ABLATION_LR", "ABLATION_ROWS", "ablation_rows"]
 
@@ -42,11 +41,6 @@ ABLATION_ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-def _last_epoch(experiment: str) -> dict[str, Any]:
-    lines = (Path(experiment) / "log.jsonl").read_text(encoding="utf-8").splitlines()
-    return json.loads(lines[-1]) if lines else {}
-
-
 def ablation_rows(ctx: DemoContext) -> list[DemoRow]:
     """Trains (or finds finished) every row of :data:`ABLATION_ROWS`; their table rows."""
     quick = ctx.config.quick
@@ -61,7 +55,8 @@ def ablation_rows(ctx: DemoContext) -> list[DemoRow]:
         else:
             n = ABLATION_TRAIN_IMAGES[1] if quick else ABLATION_TRAIN_IMAGES[0]
         row = qat_row(ctx, name, method, args, n, note, lr=ABLATION_LR)
-        last = _last_epoch(ctx.artifacts[f"run:{name}"])
+        log = Experiment(ctx.artifacts[f"run:{name}"]).read_log()
+        last = log[-1] if log else {}
         if "flip_pct" in last:
             row.note += f"; codes flipped in the epoch: {last['flip_pct']:.1f} % of weights"
         rows.append(row)
