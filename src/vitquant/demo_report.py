@@ -97,7 +97,7 @@ def markdown_table(rows: list[DemoRow]) -> str:
 def _label_offsets(xy: list[tuple[float, float]], labels: list[str]) -> list[tuple[int, int]]:
     """Label offsets (points) that keep labels of nearby points apart: a greedy pass over
     candidate positions, with boxes estimated from the text length (7-point font)."""
-    candidates = [(6, 3), (6, -11), (6, 12), (6, -20), (6, 21), (6, -29), (6, 30)]
+    candidates = [(5, 2), (5, -10), (-5 - 5, 2), (5, 10), (-10, -10), (5, -18), (5, 18)]
     placed: list[tuple[float, float, float, float]] = []
     out = []
     for (x, y), text in zip(xy, labels):
@@ -115,28 +115,45 @@ def _label_offsets(xy: list[tuple[float, float]], labels: list[str]) -> list[tup
     return out
 
 
+#: colour families of the plot: (name test, legend label, colour)
+_FAMILIES: list[tuple[Any, str, str]] = [
+    (lambda r: r.bits == "32/32", "float32", "black"),
+    (lambda r: r.name.startswith("PTQ"), "PTQ", "tab:blue"),
+    (lambda r: r.name.startswith("DiffQ"), "DiffQ", "tab:green"),
+    (lambda r: r.name.startswith(("export", "int8")), "export / int8", "tab:grey"),
+    (lambda r: r.bits.startswith("2/"), "QAT W2A2", "tab:red"),
+    (lambda r: True, "QAT W4A4", "tab:orange"),
+]
+
+
+def _family(row: DemoRow) -> tuple[str, str]:
+    return next((label, color) for test, label, color in _FAMILIES if test(row))
+
+
 def plot_accuracy_vs_size(rows: list[DemoRow], path: str | os.PathLike[str]) -> bool:
-    """Draws top-1 against true size (log scale; one labelled point per row, float at the
-    right); ``False`` without matplotlib."""
+    """Draws top-1 against true size (log scale): numbered points coloured by family, with the
+    key of numbers to rows beside the plot; ``False`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         return False
     pts = [r for r in rows if r.size_mb is not None and r.size_mb > 0 and math.isfinite(r.top1)]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig = plt.figure(figsize=(11, 5.5))
+    ax = fig.add_axes((0.07, 0.1, 0.6, 0.8))
     ax.set_xscale("log")
-    colors = []
+    seen: set[str] = set()
     for r in pts:
+        family, color = _family(r)
         marker = "*" if r.bits == "32/32" else "D" if r.speedup is not None else "o"
-        sc = ax.scatter(
-            [r.size_mb], [r.top1], marker=marker, s=110 if marker == "*" else 36, zorder=3
-        )
-        colors.append(sc.get_facecolor()[0])
-    from matplotlib.ticker import FormatStrFormatter
-
+        ax.scatter(
+            [r.size_mb], [r.top1], marker=marker, s=110 if marker == "*" else 36, zorder=3,
+            color=color, label=None if family in seen else family,
+        )  # fmt: skip
+        seen.add(family)
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     if pts and pts[0].bits == "32/32":
@@ -144,34 +161,29 @@ def plot_accuracy_vs_size(rows: list[DemoRow], path: str | os.PathLike[str]) -> 
     if pts:
         sizes = [float(r.size_mb) for r in pts]  # type: ignore[arg-type]
         tops = [r.top1 for r in pts]
-        ax.set_xlim(min(sizes) / 1.25, max(sizes) * 2.2)
+        ax.set_xlim(min(sizes) / 1.25, max(sizes) * 1.6)
         pad = max(0.5, 0.08 * (max(tops) - min(tops)))
         ax.set_ylim(min(tops) - pad, max(tops) + pad)
-        ax.set_xlabel("true model size (MiB, log scale)")
-        ax.set_ylabel("top-1 (%)")
-        fig.tight_layout()
         fig.canvas.draw()
         disp = ax.transData.transform(list(zip(sizes, tops)))
         scale = 72.0 / fig.dpi  # pixels -> points
         xy = [(float(a) * scale, float(b) * scale) for a, b in disp]
         order = sorted(range(len(pts)), key=lambda i: (-tops[i], sizes[i]))
-        offsets = _label_offsets([xy[i] for i in order], [pts[i].name for i in order])
+        numbers = [str(i + 1) for i in range(len(pts))]
+        offsets = _label_offsets([xy[i] for i in order], [numbers[i] for i in order])
         for i, off in zip(order, offsets):
             ax.annotate(
-                pts[i].name,
-                (sizes[i], tops[i]),
-                textcoords="offset points",
-                xytext=off,
-                fontsize=7,
-                va="bottom",
-                color=colors[i],
-                arrowprops={"arrowstyle": "-", "color": colors[i], "lw": 0.5, "alpha": 0.6},
-            )
+                numbers[i], (sizes[i], tops[i]), textcoords="offset points", xytext=off,
+                fontsize=7, va="bottom", color=_family(pts[i])[1],
+            )  # fmt: skip
+        key = [f"{n:>2}  {r.name}: {r.top1:.2f} %, {r.size_mb:.3f} MiB" for n, r in
+               zip(range(1, len(pts) + 1), pts)]  # fmt: skip
+        fig.text(0.69, 0.9, "\n".join(key), va="top", ha="left", fontsize=7.5, family="monospace")
+        ax.legend(loc="lower right", fontsize=7)
     ax.set_xlabel("true model size (MiB, log scale)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Fashion-MNIST demo: accuracy against model size")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True
