@@ -118,37 +118,15 @@ def finetune_recipe(ctx: DemoContext, train_subset: int, **changes: Any) -> dict
 
 
 def load_trained(ctx: DemoContext, run_dir: str | Path) -> nn.Module:
-    """Rebuilds the model a training run ended with (``last.pt``), in eval mode on the CPU.
-
-    Builds the method's structure as ``vitquant eval`` does, but gives ``prepare_model`` a few
-    training batches: the QAT methods initialise their steps before the checkpoint overwrites
-    them, and refuse to without batches.
-    """
+    """Rebuilds the model a training run ended with (``last.pt``), in eval mode on the CPU, as
+    ``vitquant eval`` does (:func:`vitquant.train.evaluation.load_model_for_eval`)."""
     from .data import dataset_info
-    from .models import create_model
-    from .train.checkpoint import load_checkpoint
-    from .train.distributed import DistInfo
-    from .train.experiment import Experiment
-    from .train.methods import MethodContext, build_method
+    from .train.evaluation import EvalSpec, load_model_for_eval
 
-    exp = Experiment(run_dir)
-    cfg = exp.stored_config()
-    if cfg is None:
-        raise RuntimeError(f"{run_dir} is not a finished training run")
+    cfg = ctx.artifacts["float_config"]
     info = dataset_info(cfg.data_path)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=int(info.num_classes), in_chans=int(info.in_chans))
-    method = build_method(cfg.method, cfg.method_args)
-    dev = torch.device("cpu")
-    batches = [(x, torch.zeros(len(x), dtype=torch.long)) for x in calib_batches(ctx, 64, 32)]
-    mctx = MethodContext(
-        config=cfg,
-        device=dev,
-        dist=DistInfo(device=dev),
-        num_classes=int(info.num_classes),
-        calib_loader=batches,
-        resuming=True,
+    spec = EvalSpec(run_dir=str(run_dir), which="last")
+    model, _ = load_model_for_eval(
+        spec, int(info.num_classes), int(info.in_chans), torch.device("cpu")
     )
-    model = method.prepare_model(model, mctx)
-    model.load_state_dict(load_checkpoint(Path(run_dir) / "last.pt")["model"])
-    return method.eval_model(model).eval()
+    return model.eval()

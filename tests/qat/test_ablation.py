@@ -51,3 +51,26 @@ def test_vvtq_row_reports_oscillations_per_epoch(float_run: str, tmp_path: Path)
         assert len(values) == 2 and all(0 <= v <= 100 for v in values), key
     assert rec["frozen_pct_per_epoch"] == [0.0, 0.0]  # --no-freeze
     assert "--reg --reg-max 100.0 --no-freeze" in rec["command"]
+
+
+def test_heldout_top1_uses_images_outside_the_training_subset(
+    float_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitquant import data as D
+    from vitquant.qat import ablation
+
+    rec = run_row("lsq", 4, float_run, output=str(tmp_path), **TINY)
+    seen: list[list[int]] = []
+    real_subset_cls = D.Subset
+
+    def spy(dataset: object, indices: list[int]) -> object:
+        seen.append(list(indices))
+        return real_subset_cls(dataset, indices)
+
+    monkeypatch.setattr(D, "Subset", spy)
+    top1 = ablation.heldout_top1(rec["experiment"], n=40)
+    assert 0 <= top1 <= 100
+    full = D.build_dataset("digits", "train", img_size=28, train_transform=False)
+    trained = set(D.subset(full, 64, seed=0).indices)
+    picked = seen[-1]
+    assert len(picked) == 40 and not trained & set(picked)

@@ -291,3 +291,20 @@ def test_teacher_with_other_classes(
         teach = ["--teacher", str(teacher), "--teacher-model", "vit_nano_patch4_28"]
         assert train(tmp_path, *args, *teach, "--distillation-type", "hard") == 2
         one_line_error(capsys, "100 classes", "10")
+
+
+# --- evaluation of QAT runs ----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lsq", "qvit", "vvtq"])
+def test_eval_of_a_qat_run_reproduces_its_result(
+    float_run: str, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--method", method, "--model", "vit_nano_patch4_28", "--finetune", float_run]
+    assert train(tmp_path, *args, "--wbits", "3", "--abits", "3") == 0
+    exp = only_run(tmp_path)
+    assert main(["eval", str(exp), "--which", "last"]) == 0
+    got = json.loads((exp / "eval.json").read_text())
+    want = json.loads((exp / "result.json").read_text())
+    assert got["method"] == method
+    assert got["top1"] == pytest.approx(want["top1"]) and got["loss"] == pytest.approx(
+        want["loss"], rel=1e-4
+    )

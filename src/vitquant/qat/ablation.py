@@ -15,7 +15,16 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["ROWS", "OSC_KEYS", "TRAIN_OPTIONS", "row_command", "run_row", "float_and_ptq", "main"]
+__all__ = [
+    "ROWS",
+    "OSC_KEYS",
+    "TRAIN_OPTIONS",
+    "heldout_top1",
+    "row_command",
+    "run_row",
+    "float_and_ptq",
+    "main",
+]
 
 #: per-epoch oscillation numbers the ``vvtq`` method logs (see ``oscillation_stats``)
 OSC_KEYS = ("osc_pct", "frozen_pct", "flip_pct", "flip2_pct", "change_pct")
@@ -27,6 +36,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "qvit-no-irm": ("qvit", {"irm": False}),
     "qvit-no-dgd": ("qvit", {"dgd": False}),
     "qvit-no-irm-no-dgd": ("qvit", {"irm": False, "dgd": False}),
+    # DGD's weight (the paper sums over layers and heads; vitquant averages, weight 1)
+    "qvit-dgd0.3": ("qvit", {"dgd_weight": 0.3}),
+    "qvit-dgd3": ("qvit", {"dgd_weight": 3.0}),
+    "qvit-dgd10": ("qvit", {"dgd_weight": 10.0}),
     "vvtq": ("vvtq", {"reg": True}),
     "vvtq-no-reg": ("vvtq", {"reg": False}),
     "vvtq-no-freeze": ("vvtq", {"reg": True, "freeze": False}),
@@ -102,6 +115,38 @@ def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]
     return rec
 
 
+def heldout_top1(experiment: str, n: int = 5000, seed: int = 1234) -> float:
+    """Top-1 of a finished run on ``n`` training-split images it did *not* train on.
+
+    The validation set for choosing hyperparameters without looking at the test set: the images
+    are drawn (seeded) from the complement of the run's ``train_subset``. Evaluated with the
+    run's last checkpoint, on the CPU.
+    """
+    import torch
+
+    from .. import data as D
+    from ..train.data import eval_loader, model_img_size
+    from ..train.engine import evaluate
+    from ..train.evaluation import EvalSpec, load_model_for_eval
+    from ..train.experiment import Experiment
+
+    cfg = Experiment(experiment).stored_config()
+    if cfg is None or not cfg.train_subset:
+        raise ValueError(f"{experiment}: needs a finished run trained on a --train-subset")
+    info = D.dataset_info(cfg.data_path)
+    dev = torch.device("cpu")
+    spec = EvalSpec(run_dir=experiment, which="last")
+    model, _ = load_model_for_eval(spec, int(info.num_classes), int(info.in_chans), dev)
+    full = D.build_dataset(
+        cfg.data_path, cfg.train_split, img_size=model_img_size(model), train_transform=False
+    )
+    used = set(D.subset(full, cfg.train_subset, seed=cfg.seed).indices)
+    rest = torch.tensor([i for i in range(len(full)) if i not in used])
+    gen = torch.Generator().manual_seed(seed)
+    pick = rest[torch.randperm(len(rest), generator=gen)[:n]].sort().values.tolist()
+    return float(evaluate(model, eval_loader(D.Subset(full, pick), 256), dev)["top1"])
+
+
 def float_and_ptq(
     finetune: str, model: str, data_path: str, device: str, eval_subset: int = 0
 ) -> dict[str, float]:
@@ -156,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--no-float", action="store_true", help="skip the float and PTQ rows")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        help="also evaluate each row on N training images outside its subset (validation)",
+    )
     p.add_argument("--one", nargs=2, metavar=("ROW", "BITS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     train: dict[str, Any] = dict(
@@ -174,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         train["lr"] = a.lr
     if a.one:
         rec = run_row(a.one[0], int(a.one[1]), a.finetune, **train)
+        if a.heldout:
+            rec["heldout_top1"] = heldout_top1(rec["experiment"], a.heldout)
         print(json.dumps(rec), flush=True)
         return 0
     jobs = [
@@ -196,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         base += ["--" + opt.replace("_", "-"), str(getattr(a, opt))]
     if a.lr is not None:
         base += ["--lr", str(a.lr)]
+    if a.heldout:
+        base += ["--heldout", str(a.heldout)]
     pending = list(jobs)
     while pending or procs:
         while pending and len(procs) < max(1, a.jobs):

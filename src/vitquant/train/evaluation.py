@@ -1,8 +1,10 @@
 """Evaluating a trained model: rebuild it from a run folder or a checkpoint, then top-1/top-5.
 
 A run folder knows everything (``config.yaml``: model, data, method); the method rebuilds the
-trained structure (``prepare_model`` with ``resuming=True``, so no calibration) before the
-weights load, and picks the model to evaluate (``eval_model``). A bare checkpoint needs the model
+trained structure (``prepare_model`` with ``resuming=True``; quantization-aware methods get two
+small batches of the run's training images to build their quantizers, whose values the
+checkpoint then overwrites) before the weights load, and picks the model to evaluate
+(``eval_model``). A bare checkpoint needs the model
 name; its head must predict the dataset's number of classes.
 """
 
@@ -25,7 +27,7 @@ from .engine import evaluate
 from .experiment import Experiment
 from .methods import MethodContext, build_method
 
-__all__ = ["EvalSpec", "load_model_for_eval", "evaluate_model_on"]
+__all__ = ["EvalSpec", "load_model_for_eval", "evaluate_model_on", "structure_batches"]
 
 
 @dataclass
@@ -100,6 +102,7 @@ def load_model_for_eval(
             device=device,
             dist=DistInfo(device=device),
             num_classes=num_classes,
+            calib_loader=None if cfg.method == "float" else structure_batches(cfg, model),
             resuming=True,
         )
         model = method.prepare_model(model, ctx)
@@ -132,6 +135,24 @@ def load_model_for_eval(
         raise ConfigError("give --checkpoint (or --pretrained) to evaluate trained weights")
     desc = {"model": spec.model, "checkpoint": spec.checkpoint, "method": "float"}
     return model.to(device), desc
+
+
+def structure_batches(
+    cfg: TrainConfig, model: nn.Module, n: int = 64, batch: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` of the run's training images (its seed, no augmentation) in batches of ``batch``:
+    what a quantization-aware method needs to build its quantizers before a checkpoint loads."""
+    from .data import model_img_size
+
+    data = _data_api()
+    full = data.build_dataset(
+        cfg.data_path, cfg.train_split, img_size=model_img_size(model), train_transform=False
+    )
+    ds = data.subset(full, n, seed=cfg.seed)
+    pairs = [ds[i] for i in range(len(ds))]
+    xs = torch.stack([x for x, _ in pairs])
+    ys = torch.as_tensor([int(y) for _, y in pairs])
+    return [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, len(xs), batch)]
 
 
 def resolve_data(spec: EvalSpec) -> tuple[str, str, TrainConfig | None]:
