@@ -33,7 +33,7 @@ class _Range(tud.Dataset):
 
 @pytest.mark.parametrize(
     "n,world,shuffle,drop_last",
-    itertools.product([7, 10, 11], [1, 2, 3], [True, False], [True, False]),
+    list(itertools.product([7, 10, 11], [1, 2, 3], [True, False], [True, False])),
 )
 def test_distributed_sampler_matches_torch(
     n: int, world: int, shuffle: bool, drop_last: bool
