@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_qat import VVTQ_CROPS, VVTQ_TRAIN_IMAGES, qat_row, softlabel_folder
+from .demo_qat import add_softlabels, qat_row, train_images
 from .train.experiment import Experiment
 
 __all__ = ["ABLATION_TRAIN_IMAGES", "ABLATION_LR", "ABLATION_ROWS", "ablation_rows"]
@@ -43,17 +43,14 @@ ABLATION_ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
 
 def ablation_rows(ctx: DemoContext) -> list[DemoRow]:
     """Trains (or finds finished) every row of :data:`ABLATION_ROWS`; their table rows."""
-    quick = ctx.config.quick
     rows = []
     for name, (method, opts, note) in ABLATION_ROWS.items():
         args: dict[str, Any] = {"wbits": 2, "abits": 2, **opts}  # MSE-initialised steps
         if method == "vvtq":
-            n = VVTQ_TRAIN_IMAGES[1] if quick else VVTQ_TRAIN_IMAGES[0]
-            n = int(ctx.config.finetune_overrides.get("train_subset", n))
-            args.update(softlabel_path=softlabel_folder(ctx, n), num_crops=VVTQ_CROPS)
+            n = add_softlabels(ctx, args)
             note = f"{note}, FKD soft labels"
         else:
-            n = ABLATION_TRAIN_IMAGES[1] if quick else ABLATION_TRAIN_IMAGES[0]
+            n = train_images(ctx, ABLATION_TRAIN_IMAGES)
         row = qat_row(ctx, name, method, args, n, note, lr=ABLATION_LR)
         log = Experiment(ctx.artifacts[f"run:{name}"]).read_log()
         last = log[-1] if log else {}

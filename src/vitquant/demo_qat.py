@@ -28,6 +28,8 @@ __all__ = [
     "VVTQ_SOFTLABELS",
     "VVTQ_CROPS",
     "VVTQ_TRAIN_IMAGES",
+    "add_softlabels",
+    "train_images",
     "qat_row",
     "softlabel_folder",
 ]
@@ -46,7 +48,8 @@ VVTQ_CROPS = 2
 VVTQ_TRAIN_IMAGES = (10000, 1500)
 
 
-def _images(ctx: DemoContext, sizes: tuple[int, int]) -> int:
+def train_images(ctx: DemoContext, sizes: tuple[int, int]) -> int:
+    """The ``(normal, quick)`` training-subset size of the demo's mode."""
     return sizes[1] if ctx.config.quick else sizes[0]
 
 
@@ -94,7 +97,7 @@ def qat_row(
 def lsq_row(ctx: DemoContext) -> DemoRow:
     """QAT W4A4 with LSQ (step sizes initialised from the 99.99th percentile)."""
     args = {"wbits": 4, "abits": 4, "init": "percentile"}
-    n = _images(ctx, QAT_TRAIN_IMAGES)
+    n = train_images(ctx, QAT_TRAIN_IMAGES)
     return qat_row(ctx, "QAT W4A4 LSQ", "lsq", args, n, "LSQ, LSQ+ after GELU")
 
 
@@ -102,7 +105,7 @@ def lsq_row(ctx: DemoContext) -> DemoRow:
 def qvit_row(ctx: DemoContext) -> DemoRow:
     """Q-ViT W4A4: IRM and DGD (the float model as the DGD teacher)."""
     args = {"wbits": 4, "abits": 4, "init": "percentile", "irm": True, "dgd": True}
-    n = _images(ctx, QVIT_TRAIN_IMAGES)
+    n = train_images(ctx, QVIT_TRAIN_IMAGES)
     epochs = QVIT_EPOCHS[1] if ctx.config.quick else QVIT_EPOCHS[0]
     return qat_row(ctx, "Q-ViT W4A4", "qvit", args, n, "IRM + DGD", epochs=epochs)
 
@@ -135,14 +138,21 @@ def softlabel_folder(ctx: DemoContext, train_images: int) -> str:
     return str(folder)
 
 
+def add_softlabels(ctx: DemoContext, method_args: dict[str, Any]) -> int:
+    """Points ``method_args`` at the float model's soft labels of the VVTQ training subset
+    (made once); returns that subset's size."""
+    n = train_images(ctx, VVTQ_TRAIN_IMAGES)
+    n = int(ctx.config.finetune_overrides.get("train_subset", n))
+    method_args.update(softlabel_path=softlabel_folder(ctx, n), num_crops=VVTQ_CROPS)
+    return n
+
+
 @register_demo_step("qat-vvtq")
 def vvtq_row(ctx: DemoContext) -> DemoRow:
     """VVTQ W4A4: oscillation freezing, with soft labels (or KD from the float model)."""
     args: dict[str, Any] = {"wbits": 4, "abits": 4, "init": "percentile", "freeze": True}
     if VVTQ_SOFTLABELS:
-        n = _images(ctx, VVTQ_TRAIN_IMAGES)
-        n = int(ctx.config.finetune_overrides.get("train_subset", n))
-        args.update(softlabel_path=softlabel_folder(ctx, n), num_crops=VVTQ_CROPS)
+        n = add_softlabels(ctx, args)
         note = f"split q/k/v, freezing, FKD soft labels ({VVTQ_CROPS} crops/image)"
         return qat_row(ctx, "VVTQ W4A4", "vvtq", args, n, note)
     teacher = str(ctx.artifacts["float_checkpoint"])
@@ -151,7 +161,7 @@ def vvtq_row(ctx: DemoContext) -> DemoRow:
         "VVTQ W4A4",
         "vvtq",
         args,
-        _images(ctx, QAT_TRAIN_IMAGES),
+        train_images(ctx, QAT_TRAIN_IMAGES),
         "split q/k/v, freezing, soft KD from the float model (no FKD soft labels)",
         teacher=teacher,
         distillation_type="soft",

@@ -125,6 +125,7 @@ def heldout_top1(experiment: str, n: int = 5000, seed: int = 1234) -> float:
     import torch
 
     from .. import data as D
+    from ..errors import ConfigError
     from ..train.data import eval_loader, model_img_size
     from ..train.engine import evaluate
     from ..train.evaluation import EvalSpec, load_model_for_eval
@@ -132,7 +133,7 @@ def heldout_top1(experiment: str, n: int = 5000, seed: int = 1234) -> float:
 
     cfg = Experiment(experiment).stored_config()
     if cfg is None or not cfg.train_subset:
-        raise ValueError(f"{experiment}: needs a finished run trained on a --train-subset")
+        raise ConfigError(f"{experiment}: needs a finished run trained on a --train-subset")
     info = D.dataset_info(cfg.data_path)
     dev = torch.device("cpu")
     spec = EvalSpec(run_dir=experiment, which="last")
