@@ -74,3 +74,12 @@ def test_heldout_top1_uses_images_outside_the_training_subset(
     trained = set(D.subset(full, 64, seed=0).indices)
     picked = seen[-1]
     assert len(picked) == 40 and not trained & set(picked)
+
+
+def test_seeded_rows_get_their_own_folder(float_run: str, tmp_path: Path) -> None:
+    a = run_row("qvit-no-dgd", 4, float_run, output=str(tmp_path), **TINY)
+    b = run_row("qvit-no-dgd", 4, float_run, output=str(tmp_path), seed=1, **TINY)
+    assert a["seed"] == 0 and b["seed"] == 1
+    assert Path(b["experiment"]).name == Path(a["experiment"]).name + "-s1"
+    cfg = yaml.safe_load((Path(b["experiment"]) / "config.yaml").read_text())
+    assert cfg["seed"] == 1 and "--seed 1" in b["command"]

@@ -31,6 +31,26 @@ def test_similarity_matrix_matches_numpy() -> None:
     np.testing.assert_allclose(similarity_matrix(x).numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_similarity_matrix_zero_row_has_a_bounded_gradient() -> None:
+    # a 2-bit query that rounds to all zeros: plain normalisation's gradient there is ~1/eps
+    x = torch.randn(1, 1, 6, 4)
+    x[..., 2, :] = 0.0
+    x.requires_grad_()
+    w = torch.randn(1, 1, 6, 6)
+    (similarity_matrix(x) * w).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert float(x.grad.abs().max()) < 1e3
+    plain = x.detach().clone().requires_grad_()
+    g = plain @ plain.transpose(-2, -1)
+    (F.normalize(g, dim=-1, eps=1e-12) * w).sum().backward()
+    assert plain.grad is not None and float(plain.grad.abs().max()) > 1e6
+    # rows above the floor are unit rows, the zero row stays zero
+    out = similarity_matrix(x.detach())
+    norms = out.norm(dim=-1)[0, 0]
+    assert float(norms[2]) == 0.0
+    torch.testing.assert_close(norms[[0, 1, 3, 4, 5]], torch.ones(5))
+
+
 def test_dgd_zero_for_identical_and_positive_otherwise() -> None:
     t = _qk()
     s = [(q.clone(), k.clone()) for q, k in t]

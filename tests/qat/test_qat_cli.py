@@ -270,6 +270,23 @@ def test_dgd_alias(float_run: str, tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "x").exists()
 
 
+def test_irm_stats_flag(float_run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vitquant.qat.irm import InformationRectification
+    from vitquant.train.evaluation import EvalSpec, load_model_for_eval
+
+    args = ["--model", "vit_nano_patch4_28", "--finetune", float_run, "--method", "qvit"]
+    assert train(tmp_path, *args, "--irm-stats", "token", "--no-dgd") == 0
+    exp = only_run(tmp_path)
+    cfg = yaml.safe_load((exp / "config.yaml").read_text())
+    assert cfg["method_args"]["irm_stats"] == "token"
+    model, _ = load_model_for_eval(EvalSpec(run_dir=str(exp)), 10, 1, torch.device("cpu"))
+    irms = [m for m in model.modules() if isinstance(m, InformationRectification)]
+    assert irms and all(m.stats == "token" for m in irms)
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "x", *args, "--irm-stats", "batch")
+    assert e.value.code == 2 and "invalid choice: 'batch'" in capsys.readouterr().err
+
+
 # --- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lsq", "qvit", "vvtq", "ft-qat"])
 def test_bits_outside_2_to_8(

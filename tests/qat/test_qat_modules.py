@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,8 +21,8 @@ def _batches(n: int = 2, b: int = 6) -> list:
     return [(torch.randn(b, 1, 28, 28), torch.randint(0, 10, (b,))) for _ in range(n)]
 
 
-def test_irm_formula_against_layer_norm_and_calibrated_identity() -> None:
-    irm = InformationRectification(2, 8)
+def test_irm_token_formula_against_layer_norm_and_calibrated_identity() -> None:
+    irm = InformationRectification(2, 8, stats="token")
     x = torch.randn(3, 2, 5, 8)
     # γ = 1, β = 0: a LayerNorm over head_dim without affine
     ref = torch.nn.functional.layer_norm(x, (8,), eps=1e-5)
@@ -37,6 +38,33 @@ def test_irm_formula_against_layer_norm_and_calibrated_identity() -> None:
     torch.testing.assert_close(irm(perm), perm, atol=1e-4, rtol=1e-4)
     irm(x).sum().backward()
     assert irm.gamma.grad is not None and irm.beta.grad is not None
+
+
+def test_irm_channel_statistics_against_numpy_and_exact_identity() -> None:
+    irm = InformationRectification(2, 4)  # stats="channel" by default
+    # γ = 1, β = 0, no statistics yet: the identity
+    x = torch.randn(3, 2, 5, 4) * torch.tensor([1.0, 3.0, 0.5, 2.0]) + 1.5
+    torch.testing.assert_close(irm(x), x)
+    chunks = [x[:2], x[2:]]
+    irm.start_calibration()
+    for c in chunks:
+        assert torch.equal(irm(c), c)
+    irm.finish_calibration()
+    a = x.numpy().astype(np.float64).transpose(1, 3, 0, 2).reshape(2, 4, -1)
+    np.testing.assert_allclose(irm.mean.squeeze(1).numpy(), a.mean(-1), rtol=1e-5, atol=1e-6)
+    sd = np.sqrt(a.var(-1) + irm.eps)
+    np.testing.assert_allclose(irm.std.squeeze(1).numpy(), sd, rtol=1e-5, atol=1e-6)
+    # calibrated: γ = σ, β = μ, the rectified q is the float q
+    torch.testing.assert_close(irm(x), x, atol=1e-5, rtol=1e-5)
+    # a learned γ and β change it affinely per channel, and get gradients
+    with torch.no_grad():
+        irm.gamma.mul_(2.0)
+    torch.testing.assert_close(irm(x), 2 * x, atol=1e-4, rtol=1e-4)
+    irm(x).sum().backward()
+    assert irm.gamma.grad is not None and irm.beta.grad is not None
+    assert "mean" in irm.state_dict() and "std" in irm.state_dict()
+    with pytest.raises(ConfigError, match="token"):
+        InformationRectification(2, 4, stats="batch")
 
 
 def test_split_attention_matches_fused_and_loads_fused_state() -> None:
@@ -134,3 +162,31 @@ def test_registered_model_names(tmp_path) -> None:
     load_fused_checkpoint(split, str(tmp_path / "f.pt"))
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(split(x), float_model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stats", ["channel", "token"])
+def test_calibrated_irm_keeps_the_float_function_only_with_channel_stats(stats: str) -> None:
+    from vitquant.quant import quantization_disabled
+
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch4_28").eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    build_qat_model(model, QATScheme(4, 4, irm=True, irm_stats=stats))
+    init_qat(model, _batches(), 2)
+    model.eval()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    q_norm = model.blocks[1].attn.q_norm
+    q_norm.register_forward_hook(lambda _, i, o: seen.append((i[0], o)))
+    with quantization_disabled(model), torch.no_grad():
+        out = model(x)
+    q_in, q_out = seen[0]
+    q_err = ((q_out - q_in).norm() / q_in.norm()).item()
+    if stats == "channel":
+        assert q_err < 1e-5
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    else:  # per-token normalisation drops each token's norm: not the float queries
+        assert q_err > 0.05
+    with pytest.raises(ConfigError, match="irm_stats"):
+        QATScheme(4, 4, irm=True, irm_stats="batch")

@@ -36,6 +36,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "qvit-no-irm": ("qvit", {"irm": False}),
     "qvit-no-dgd": ("qvit", {"dgd": False}),
     "qvit-no-irm-no-dgd": ("qvit", {"irm": False, "dgd": False}),
+    # IRM as the released code: LayerNorm statistics per token
+    "qvit-irm-token": ("qvit", {"irm_stats": "token"}),
+    "qvit-irm-token-no-dgd": ("qvit", {"irm_stats": "token", "dgd": False}),
     # DGD's weight (the paper sums over layers and heads; vitquant averages, weight 1)
     "qvit-dgd0.3": ("qvit", {"dgd_weight": 0.3}),
     "qvit-dgd3": ("qvit", {"dgd_weight": 3.0}),
@@ -96,7 +99,9 @@ def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]
             train = {**train, k: v, "teacher": finetune}
         else:
             opts[k] = v
-    res = run_qat(method, finetune, method_args=opts, name=f"{name}-w{b}a{b}", **train)
+    seed = int(train.get("seed", 0))
+    folder = f"{name}-w{b}a{b}" + (f"-s{seed}" if seed else "")
+    res = run_qat(method, finetune, method_args=opts, name=folder, **train)
     log_path = os.path.join(res["experiment"], "log.jsonl")
     with open(log_path, encoding="utf-8") as f:
         epochs = [json.loads(line) for line in f if line.strip()]
@@ -104,6 +109,7 @@ def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]
     rec: dict[str, Any] = {
         "row": name,
         "bits": b,
+        "seed": seed,
         "top1": res["top1"],
         "top1_per_epoch": [r.get("top1") for r in epochs],
     }
@@ -196,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         help="training augmentation (the demo float model was trained without)",
     )
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the training subset, order and init"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--output", default="runs/qat-ablation")
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=a.batch_size,
         augment=a.augment,
         eval_every=a.eval_every,
+        seed=a.seed,
         device=a.device,
         amp=False,
         output=a.output,
@@ -243,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size",
         "augment",
         "eval_every",
+        "seed",
         "device",
         "output",
         "data_path",

@@ -33,7 +33,7 @@ from ..quant.primitives import check_bits
 from ..quant.quantizers import lsq as _lsq  # noqa: F401  (registers "lsq", "lsq+")
 from ..quant.quantizers import qvit as _qvit  # noqa: F401  (registers "qvit")
 from ..quant.quantizers import vvtq as _vvtq  # noqa: F401  (registers "vvtq")
-from .irm import InformationRectification
+from .irm import IRM_STATS, InformationRectification
 from .split_attention import split_qkv
 
 __all__ = ["QATScheme", "qat_config", "build_qat_model", "init_qat", "irm_modules"]
@@ -57,6 +57,8 @@ class QATScheme:
         post_gelu_offset: LSQ+ (unsigned, learnable offset) on the GELU output entering ``fc2``.
         edge_bits: bits of the patch embedding and the head(s) (weights and inputs).
         irm: Q-ViT's information rectification on q and k.
+        irm_stats: where IRM's μ and σ come from: ``"channel"`` or ``"token"``
+            (:class:`~vitquant.qat.irm.InformationRectification`).
         split_qkv: separate q/k/v projections (VVTQ).
     """
 
@@ -71,6 +73,7 @@ class QATScheme:
     post_gelu_offset: bool = True
     edge_bits: int = 8
     irm: bool = False
+    irm_stats: str = "channel"
     split_qkv: bool = False
 
     def __post_init__(self) -> None:
@@ -84,6 +87,7 @@ class QATScheme:
             ("weight_quantizer", self.weight_quantizer, ("lsq", "vvtq")),
             ("input_quantizer", self.input_quantizer, ("lsq", "qvit")),
             ("attn_quantizer", self.attn_quantizer, ("lsq", "qvit")),
+            ("irm_stats", self.irm_stats, IRM_STATS),
         ):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
@@ -143,8 +147,9 @@ def build_qat_model(model: nn.Module, scheme: QATScheme) -> nn.Module:
         count = 0
         for m in model.modules():
             if hasattr(m, "qk_matmul") and isinstance(getattr(m, "q_norm", None), nn.Identity):
-                m.q_norm = InformationRectification(int(m.num_heads), int(m.head_dim))
-                m.k_norm = InformationRectification(int(m.num_heads), int(m.head_dim))
+                heads, dim = int(m.num_heads), int(m.head_dim)
+                m.q_norm = InformationRectification(heads, dim, stats=scheme.irm_stats)
+                m.k_norm = InformationRectification(heads, dim, stats=scheme.irm_stats)
                 count += 1
         if count == 0:
             raise ConfigError("IRM needs attention layers with identity q_norm/k_norm")

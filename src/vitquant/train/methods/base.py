@@ -46,7 +46,8 @@ __all__ = ["MethodConfig", "MethodContext", "StepState", "TrainMethod"]
 class MethodConfig:
     """Base of the methods' option dataclasses (no options).
 
-    Subclasses add fields with defaults; ``field(metadata={"help": "..."})`` gives the CLI help.
+    Subclasses add fields with defaults; ``field(metadata={"help": "..."})`` gives the CLI help
+    (and ``"choices"`` the values its flag accepts).
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +177,8 @@ class TrainMethod:
                 kwargs["type"] = elem if elem in (int, float) else str
                 if is_list:
                     kwargs["nargs"] = "+"
+                if "choices" in f.metadata:
+                    kwargs["choices"] = list(f.metadata["choices"])
             try:
                 parser.add_argument(flag, **kwargs)
             except argparse.ArgumentError:

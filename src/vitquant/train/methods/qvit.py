@@ -5,7 +5,9 @@ arXiv 2210.06707):
 
 * Q-ViT's LSQ-style quantizers with learnable zero points, per input feature on Linear inputs and
   per head on q, k, v and the attention probabilities; patch embedding and head(s) at 8 bits;
-* the information rectification module on q and k (``--irm``, :mod:`vitquant.qat.irm`);
+* the information rectification module on q and k (``--irm``, :mod:`vitquant.qat.irm`), with
+  statistics per channel (``--irm-stats channel``: starts as the float function) or per token as
+  the released code's LayerNorm (``--irm-stats token``);
 * distribution-guided distillation (``--dgd``): the row-normalised q·qᵀ and k·kᵀ of every layer
   and head of the quantized student are matched to those of a float teacher
   (:func:`vitquant.train.losses_qat.dgd_loss`), added to the engine's loss (CE plus DeiT soft or
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ...qat.capture import QKCapture
+from ...qat.irm import IRM_STATS
 from ...qat.method import QATMethod, QATMethodConfig
 from ...qat.quantize import QATScheme
 from ..losses_qat import dgd_loss
@@ -38,6 +41,14 @@ class QViTConfig(QATMethodConfig):
     """Q-ViT's options."""
 
     irm: bool = field(default=True, metadata={"help": "information rectification on q and k"})
+    irm_stats: str = field(
+        default="channel",
+        metadata={
+            "help": "IRM's mean and std: per head and channel from calibration (channel) or "
+            "per token as the released code's LayerNorm (token)",
+            "choices": IRM_STATS,
+        },
+    )
     dgd: bool = field(default=True, metadata={"help": "distribution-guided distillation"})
     dgd_weight: float = field(default=1.0, metadata={"help": "weight of the DGD loss"})
     dgd_sum: bool = field(
@@ -47,10 +58,14 @@ class QViTConfig(QATMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dgd_weight < 0:
-            from ...errors import ConfigError
+        from ...errors import ConfigError
 
+        if self.dgd_weight < 0:
             raise ConfigError("dgd_weight must be >= 0")
+        if self.irm_stats not in IRM_STATS:
+            raise ConfigError(
+                f"irm_stats must be one of {', '.join(IRM_STATS)}, not {self.irm_stats!r}"
+            )
 
 
 def _patch_tokens(pairs: list[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:
@@ -83,6 +98,7 @@ class QViTMethod(QATMethod):
             attn_quantizer="qvit",
             attn_granularity="head",
             irm=c.irm,
+            irm_stats=c.irm_stats,
         )
 
     def prepare_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
