@@ -97,7 +97,7 @@ def markdown_table(rows: list[DemoRow]) -> str:
 def _label_offsets(xy: list[tuple[float, float]], labels: list[str]) -> list[tuple[int, int]]:
     """Label offsets (points) that keep labels of nearby points apart: a greedy pass over
     candidate positions, with boxes estimated from the text length (7-point font)."""
-    candidates = [(5, 2), (5, -10), (-5 - 5, 2), (5, 10), (-10, -10), (5, -18), (5, 18)]
+    candidates = [(5, 2), (5, -10), (-10, 2), (5, 10), (-10, -10), (5, -18), (5, 18)]
     placed: list[tuple[float, float, float, float]] = []
     out = []
     for (x, y), text in zip(xy, labels):

@@ -30,10 +30,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IRM_STATS", "InformationRectification"]
+__all__ = ["IRM_STATS", "check_irm_stats", "InformationRectification"]
 
 #: where IRM's μ and σ come from
 IRM_STATS = ("channel", "token")
+
+
+def check_irm_stats(stats: str, name: str = "irm_stats") -> str:
+    """``stats`` if it is one of :data:`IRM_STATS`; a ``ConfigError`` naming ``name`` if not."""
+    if stats not in IRM_STATS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{name} must be one of {', '.join(IRM_STATS)}, not {stats!r}")
+    return stats
 
 
 class InformationRectification(nn.Module):
@@ -51,10 +60,7 @@ class InformationRectification(nn.Module):
         self, num_heads: int, head_dim: int, eps: float = 1e-5, stats: str = "channel"
     ) -> None:
         super().__init__()
-        if stats not in IRM_STATS:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"IRM stats must be one of {', '.join(IRM_STATS)}, not {stats!r}")
+        check_irm_stats(stats, "IRM stats")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.eps = eps

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ...qat.capture import QKCapture
-from ...qat.irm import IRM_STATS
+from ...qat.irm import IRM_STATS, check_irm_stats
 from ...qat.method import QATMethod, QATMethodConfig
 from ...qat.quantize import QATScheme
 from ..losses_qat import dgd_loss
@@ -58,14 +58,11 @@ class QViTConfig(QATMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ...errors import ConfigError
-
         if self.dgd_weight < 0:
+            from ...errors import ConfigError
+
             raise ConfigError("dgd_weight must be >= 0")
-        if self.irm_stats not in IRM_STATS:
-            raise ConfigError(
-                f"irm_stats must be one of {', '.join(IRM_STATS)}, not {self.irm_stats!r}"
-            )
+        check_irm_stats(self.irm_stats)
 
 
 def _patch_tokens(pairs: list[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:
