@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from typing import Any
@@ -89,6 +88,7 @@ def row_command(method: str, opts: dict[str, Any], finetune: str, train: dict[st
 
 def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]:
     """Runs one row at ``bits`` (weights and activations; ft-qat: 8) and returns its record."""
+    from ..train.experiment import Experiment
     from .run import run_qat
 
     method, row_opts = ROWS[name]
@@ -102,9 +102,7 @@ def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]
     seed = int(train.get("seed", 0))
     folder = f"{name}-w{b}a{b}" + (f"-s{seed}" if seed else "")
     res = run_qat(method, finetune, method_args=opts, name=folder, **train)
-    log_path = os.path.join(res["experiment"], "log.jsonl")
-    with open(log_path, encoding="utf-8") as f:
-        epochs = [json.loads(line) for line in f if line.strip()]
+    epochs = Experiment(res["experiment"]).read_log()
     cmd_train = {k: v for k, v in train.items() if k not in ("output", "quiet", "amp", "device")}
     rec: dict[str, Any] = {
         "row": name,
@@ -287,15 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(extra), flush=True)
     if a.json:
-        _write_json(a.json, {"rows": records, **extra})
+        from ..train.checkpoint import write_json
+
+        write_json(a.json, {"rows": records, **extra})
     return 0
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _cuda() -> bool:
