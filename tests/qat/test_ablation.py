@@ -83,3 +83,27 @@ def test_seeded_rows_get_their_own_folder(float_run: str, tmp_path: Path) -> Non
     assert Path(b["experiment"]).name == Path(a["experiment"]).name + "-s1"
     cfg = yaml.safe_load((Path(b["experiment"]) / "config.yaml").read_text())
     assert cfg["seed"] == 1 and "--seed 1" in b["command"]
+
+
+def test_ft_qat_row_pins_the_seeds_bits_and_ft_qat_bits_follows_the_table(
+    float_run: str, tmp_path: Path
+) -> None:
+    pinned = run_row("ft-qat", 4, float_run, output=str(tmp_path), **TINY)
+    follows = run_row("ft-qat-bits", 4, float_run, output=str(tmp_path), **TINY)
+    assert pinned["bits"] == 8 and "--wbits 8 --abits 8" in pinned["command"]
+    assert follows["bits"] == 4 and "--wbits 4 --abits 4" in follows["command"]
+    for rec in (pinned, follows):
+        cfg = yaml.safe_load((Path(rec["experiment"]) / "config.yaml").read_text())
+        assert cfg["method"] == "ft-qat" and cfg["opt"] == "sgd"
+        assert cfg["method_args"]["wbits"] == rec["bits"] == cfg["method_args"]["abits"]
+
+
+def test_float_and_ptq_calibrates_each_bit_width_from_the_float_model(float_run: str) -> None:
+    from vitquant.qat.ablation import float_and_ptq
+
+    both = float_and_ptq(float_run, "vit_nano_patch4_28", "digits", "cpu", 64, bits=(4, 8))
+    alone = float_and_ptq(float_run, "vit_nano_patch4_28", "digits", "cpu", 64, bits=(8,))
+    assert set(both) == {"float", "ptq_ft2_w4a4", "ptq_ft2_w8a8"}
+    assert all(0 <= v <= 100 for v in both.values())
+    # the W8A8 copy is calibrated from the float model, not from the W4A4 one
+    assert both["ptq_ft2_w8a8"] == alone["ptq_ft2_w8a8"] and both["float"] == alone["float"]

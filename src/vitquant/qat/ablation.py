@@ -9,6 +9,7 @@ rows can run in parallel processes (``--jobs``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ __all__ = [
 #: per-epoch oscillation numbers the ``vvtq`` method logs (see ``oscillation_stats``)
 OSC_KEYS = ("osc_pct", "frozen_pct", "flip_pct", "flip2_pct", "change_pct")
 
-#: row name -> (method, method options); bits are added per table
+#: row name -> (method, method options); the table's bits are added unless a row pins its own
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsq": ("lsq", {}),
     "qvit": ("qvit", {}),
@@ -52,7 +53,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "vvtq-reg100": ("vvtq", {"reg": True, "reg_max": 100.0}),
     # freezing at a threshold the measured frequencies reach (see docs/qat.md)
     "vvtq-no-reg-th02": ("vvtq", {"reg": False, "osc_threshold": 0.02}),
-    "ft-qat": ("ft-qat", {}),
+    # FasterTransformer QAT in the seed's mode (W8A8, whatever the table's bits), and at the
+    # table's bits, where ft2 PTQ loses accuracy for QAT to win back
+    "ft-qat": ("ft-qat", {"wbits": 8, "abits": 8}),
+    "ft-qat-bits": ("ft-qat", {}),
     # the seeds' full recipes add DeiT distillation from the float teacher (Q-ViT: hard)
     "lsq-hard-kd": ("lsq", {"distillation_type": "hard"}),
     "qvit-hard-kd": ("qvit", {"distillation_type": "hard"}),
@@ -87,18 +91,19 @@ def row_command(method: str, opts: dict[str, Any], finetune: str, train: dict[st
 
 
 def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]:
-    """Runs one row at ``bits`` (weights and activations; ft-qat: 8) and returns its record."""
+    """Runs one row at ``bits`` (weights and activations, unless the row pins its own) and
+    returns its record."""
     from ..train.experiment import Experiment
     from .run import run_qat
 
     method, row_opts = ROWS[name]
-    b = 8 if method == "ft-qat" else bits
-    opts = {"wbits": b, "abits": b}
+    opts: dict[str, Any] = {"wbits": bits, "abits": bits}
     for k, v in row_opts.items():
         if k in TRAIN_OPTIONS:
             train = {**train, k: v, "teacher": finetune}
         else:
             opts[k] = v
+    b = opts["wbits"]
     seed = int(train.get("seed", 0))
     folder = f"{name}-w{b}a{b}" + (f"-s{seed}" if seed else "")
     res = run_qat(method, finetune, method_args=opts, name=folder, **train)
@@ -153,9 +158,16 @@ def heldout_top1(experiment: str, n: int = 5000, seed: int = 1234) -> float:
 
 
 def float_and_ptq(
-    finetune: str, model: str, data_path: str, device: str, eval_subset: int = 0
+    finetune: str,
+    model: str,
+    data_path: str,
+    device: str,
+    eval_subset: int = 0,
+    bits: tuple[int, ...] = (8,),
 ) -> dict[str, float]:
-    """Top-1 of the float checkpoint and of its ft2 W8A8 PTQ (percentile 99.99, 10 batches)."""
+    """Top-1 of the float checkpoint (``"float"``) and of its ft2 PTQ at each of ``bits``
+    (``"ptq_ft2_w8a8"`` ...; percentile 99.99, 10 batches of 32 training images): the start
+    points of the ``ft-qat`` rows."""
     import torch
 
     from .. import data as D
@@ -175,12 +187,15 @@ def float_and_ptq(
     if eval_subset:
         ev_set = D.subset(ev_set, eval_subset, seed=0)
     ev = eval_loader(ev_set, 256)
-    top_float = evaluate(net, ev, dev)["top1"]
+    out = {"float": evaluate(net, ev, dev)["top1"]}
     cal = D.build_dataset(data_path, "train", img_size=size, train_transform=False)
     calib = torch.utils.data.DataLoader(cal, batch_size=32, shuffle=False)
-    prepare(net, QuantConfig(preset="ft2", wbits=8, abits=8, calibrator="percentile"))
-    calibrate(net, calib, num_batches=10, progress=False)
-    return {"float": top_float, "ptq_ft2_w8a8": evaluate(net, ev, dev)["top1"]}
+    for b in dict.fromkeys(bits):
+        qnet = copy.deepcopy(net)
+        prepare(qnet, QuantConfig(preset="ft2", wbits=b, abits=b, calibrator="percentile"))
+        calibrate(qnet, calib, num_batches=10, progress=False)
+        out[f"ptq_ft2_w{b}a{b}"] = evaluate(qnet, ev, dev)["top1"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,9 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             rec["heldout_top1"] = heldout_top1(rec["experiment"], a.heldout)
         print(json.dumps(rec), flush=True)
         return 0
-    jobs = [
-        (r, b) for b in a.bits for r in a.rows if not (ROWS[r][0] == "ft-qat" and b != a.bits[0])
-    ]
+    pinned = [r for r in a.rows if "wbits" in ROWS[r][1]]  # one run, at the row's own bits
+    jobs = [(r, b) for b in a.bits for r in a.rows if r not in pinned or b == a.bits[0]]
     records: list[dict[str, Any]] = []
     procs: list[subprocess.Popen] = []
     base = [sys.executable, "-m", "vitquant.qat.ablation", "--finetune", a.finetune]
@@ -282,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             a.data_path,
             "cuda" if a.device in ("auto", "cuda") and _cuda() else "cpu",
             a.eval_subset,
+            bits=(8, *a.bits),
         )
         print(json.dumps(extra), flush=True)
     if a.json:
