@@ -144,3 +144,49 @@ def test_eval_quantized_and_int8(
     assert q["images"] == 64 and 0 <= q["top1"] <= 100
     assert cli.main([*argv, "--int8", "--output", str(out)]) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["int8"] is True
+
+
+# --- a checkpoint's head and the class count (see tests/models/test_head_classes.py) ---------
+def _seven_classes(tmp_path: Path) -> Path:
+    """Float weights of a 7-class ``vit_nano_patch4_28`` (the digits data has 10 classes)."""
+    torch.manual_seed(7)
+    path = tmp_path / "seven.pth"
+    torch.save(create_model("vit_nano_patch4_28", num_classes=7).state_dict(), path)
+    return path
+
+
+def test_calibrate_refuses_a_head_of_other_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(_seven_classes(tmp_path))
+    argv = ["calibrate", "--model", "vit_nano_patch4_28", "--pretrained", path]
+    argv += ["--data-path", "digits", "--calib-output-path", str(tmp_path), "--device", "cpu"]
+    err = _one_line_error(capsys, *argv)
+    assert path in err and "7 classes" in err and "has 10" in err
+    err = _one_line_error(capsys, *argv, "--num-classes", "10")
+    assert "7 classes" in err and "10" in err
+    assert not list(tmp_path.glob("*_calib.*"))  # nothing was written
+
+
+def test_eval_refuses_pretrained_weights_of_other_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VITQUANT_HOME", str(tmp_path))
+    _seven_classes(tmp_path).rename(tmp_path / "vit_nano_patch4_28.pth")
+    argv = ["eval", "--model", "vit_nano_patch4_28", "--pretrained", "--data-path", "digits"]
+    err = _one_line_error(capsys, *argv, "--subset", "32", "--output", str(tmp_path / "e.json"))
+    assert "7 classes" in err and "10" in err
+
+
+def test_export_takes_the_class_count_of_the_checkpoint(tmp_path: Path) -> None:
+    from vitquant.export.io import load_quantized
+
+    path = _seven_classes(tmp_path)
+    out = tmp_path / "w8.safetensors"
+    argv = ["export", "--model", "vit_nano_patch4_28", "--pretrained", str(path)]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    model = load_quantized(out)
+    assert model.num_classes == 7
+    src = create_model("vit_nano_patch4_28", num_classes=7)
+    src.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(model.head.weight, src.head.weight)  # the head is not quantized

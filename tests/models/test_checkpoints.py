@@ -138,7 +138,7 @@ def test_npz_in21k_new_head(timm, tmp_path, caplog) -> None:
     ours.eval()
     head = {k: v.clone() for k, v in ours.head.state_dict().items()}
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        load_checkpoint(ours, path)
+        load_checkpoint(ours, path, reset_head=True)
     text = caplog.text
     assert "pre_logits" in text and "21843 classes" in text and "newly initialized" in text
     _assert_same(ours.state_dict(), theirs.state_dict(), skip=("head.",))
@@ -318,7 +318,10 @@ def test_num_classes_change(tmp_path, caplog, num_classes: int) -> None:
     torch.save(src.state_dict(), path)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         ours = vitquant.create_model(
-            "vit_nano_patch4_28", num_classes=num_classes, checkpoint_path=str(path)
+            "vit_nano_patch4_28",
+            num_classes=num_classes,
+            checkpoint_path=str(path),
+            reset_head=bool(num_classes),
         )
     msgs = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(msgs) == 1 and "\n" not in msgs[0]

@@ -44,7 +44,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--dataset", default=None, help="built-in dataset name (fashion-mnist, ...)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: dataset's)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes (default: the dataset's, which --pretrained's head must predict)",
+    )
     p.add_argument("--num-calib-batch", type=int, default=10, help="calibration batches")
     p.add_argument("--calib-batchsz", type=int, default=8, help="calibration batch size")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
@@ -96,7 +101,7 @@ def _loaders(args: argparse.Namespace, source: str, extra: dict[str, Any], in_ch
 
 def run(args: argparse.Namespace) -> int:
     """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
-    from ..errors import ConfigError
+    from ..errors import CheckpointError, ConfigError
     from ..models import create_model
     from ..quant import QuantConfig, format_summary, quant_summary, save_calibrated
     from ..quant.sweep import config_label, run_ptq
@@ -124,11 +129,20 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     source = args.dataset or args.data_path or default_data_path()
     extra = {"data_path": args.data_path} if args.dataset and args.data_path else {}
-    num_classes, _ = dataset_meta(source) if not args.num_classes else (args.num_classes, 0)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    data_classes = dataset_meta(source)[0] if not args.num_classes else None
+    kwargs: dict[str, Any] = {}
+    if args.num_classes or not args.pretrained:  # else the checkpoint's count, checked below
+        kwargs["num_classes"] = args.num_classes or data_classes
     if args.img_size:
         kwargs["img_size"] = args.img_size
     model = create_model(args.model, checkpoint_path=args.pretrained, **kwargs).to(device).eval()
+    classes = int(getattr(model, "num_classes", 0))
+    if data_classes is not None and classes != data_classes:
+        raise CheckpointError(
+            f"--pretrained {args.pretrained} predicts {classes} classes but the data {source} has "
+            f"{data_classes} (--num-classes builds the model for another count)"
+        )
+    kwargs["num_classes"] = classes  # saved with the calibrated model
     in_chans = int(model.patch_embed.proj.in_channels) if hasattr(model, "patch_embed") else 3
     calib, val = _loaders(args, source, extra, in_chans)
 

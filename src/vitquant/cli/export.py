@@ -32,7 +32,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quantized", metavar="CALIB", help="calibrated model (.pth from calibrate)")
     p.add_argument("--model", help="model name for weight-only export (vitquant models)")
     p.add_argument("--pretrained", metavar="FILE", help="float weights for --model")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="classes (default: --pretrained's head's)"
+    )
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--in-chans", type=int, default=None)
     p.add_argument("--wbits", type=int, default=8, help="weight bits for --model (2..8)")
@@ -51,6 +53,7 @@ def _weight_only(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     model = create_model(args.model, checkpoint_path=args.pretrained, **kwargs).eval()
+    kwargs["num_classes"] = int(model.num_classes)  # the checkpoint's when not given
     cfg = QuantConfig(
         preset="weight_only",
         wbits=args.wbits,

@@ -42,7 +42,12 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--img-size", type=int, default=d.img_size)
     g.add_argument("--train-subset", type=int, default=d.train_subset, help="0: all")
     g.add_argument("--eval-subset", type=int, default=d.eval_subset, help="0: all")
-    g.add_argument("--finetune", default=None, help="float checkpoint or run folder to start from")
+    g.add_argument(
+        "--finetune",
+        default=None,
+        help="float checkpoint or run folder to start from (a head of another class count than "
+        "the data's is replaced by a new one, with a warning)",
+    )
     g.add_argument(
         "--method",
         default=d.method,

@@ -8,9 +8,10 @@ Checkpoint loading (timm/DeiT ``.pth``, Google ``.npz``, safetensors) lives in
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..registry import Registry
 
@@ -39,6 +40,7 @@ def create_model(
     checkpoint_path: str | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    reset_head: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Builds a registered model, optionally loading weights.
@@ -50,25 +52,47 @@ def create_model(
         pretrained: load the published weights for ``name`` from the local cache
             (``$VITQUANT_HOME`` or ``~/.cache/vitquant``); nothing is downloaded.
         checkpoint_path: a timm/DeiT ``.pth``, a Google ``.npz`` or a ``.safetensors`` file.
-        num_classes: classes of the head; a checkpoint with another head size gets a new head
-            (with a message).
+        num_classes: classes of the head. Not given with weights: the checkpoint's head's (else
+            the entrypoint's default). A checkpoint whose head has another count is an error
+            unless ``reset_head``; ``0`` builds the model without a head.
         img_size: input resolution; ``pos_embed`` of a checkpoint is resampled to the new grid.
+        reset_head: the explicit choice of a new, randomly initialised head where the
+            checkpoint's predicts another number of classes than ``num_classes`` (or it has
+            none): fine-tuning to other classes (logged).
         **overrides: other ``VisionTransformer`` arguments (``drop_path_rate``, ``in_chans``, ...).
 
     Returns:
         The model, in train mode, on CPU.
+
+    Raises:
+        ConfigError: an unknown name.
+        CheckpointError: missing or unreadable weights, weights of another architecture, or
+            (without ``reset_head``) a head of another class count than ``num_classes``, both
+            counts named.
+
+    Example:
+        >>> create_model("vit_nano_patch4_28", checkpoint_path="seven_classes.pth").num_classes
+        7
     """
+    entry = MODELS.get(name)
+    read: tuple[dict[str, Tensor], str] | None = None
+    path: str | Path = ""
+    if pretrained or checkpoint_path:
+        from .checkpoints import head_num_classes, read_checkpoint, resolve_pretrained
+
+        path = checkpoint_path or resolve_pretrained(name)
+        read = read_checkpoint(path)
+        if num_classes is None:
+            num_classes = head_num_classes(read[0])
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if img_size is not None:
         overrides["img_size"] = img_size
-    entry = MODELS.get(name)
     model = entry(**overrides)
     if getattr(model, "default_cfg", None) is not None:
         model.default_cfg = {**model.default_cfg, "architecture": name}
-    if pretrained or checkpoint_path:
-        from .checkpoints import load_checkpoint, resolve_pretrained
+    if read is not None:
+        from .checkpoints import load_checkpoint
 
-        path = checkpoint_path or resolve_pretrained(name)
-        load_checkpoint(model, path)
+        load_checkpoint(model, path, reset_head=reset_head, read=read)
     return model

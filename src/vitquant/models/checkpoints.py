@@ -9,8 +9,11 @@ and safetensors through its own parser. All model surgery happens in one place,
 ``resample_abs_pos_embed``; bilinear without antialiasing for Google ``.npz`` files, as Google's
 ``vit_jax`` and timm's ``_load_weights``), the patch kernel is resized with FlexiViT's
 pseudo-inverse (Beyer et al., 2023, arXiv 2212.08013) and adapted to another number of input
-channels, ``pre_logits`` of the ImageNet-21k files is dropped, and a head of another size is
-replaced by a fresh one, each with a one-line log message.
+channels, ``pre_logits`` of the ImageNet-21k files is dropped, each with a one-line log message.
+
+A head of another class count (or none in the file) is an error, not a random head: build the
+model for the file's classes (:func:`head_num_classes`; ``create_model`` does when ``num_classes``
+is not given) or ask for a new head, ``reset_head=True`` (fine-tuning to other classes).
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ __all__ = [
     "load_state_dict",
     "clean_state_dict",
     "checkpoint_filter_fn",
+    "read_checkpoint",
     "load_checkpoint",
+    "head_num_classes",
     "convert_checkpoint",
     "resample_abs_pos_embed",
     "resample_patch_embed",
@@ -313,16 +318,37 @@ def checkpoint_filter_fn(
     model: nn.Module,
     interpolation: str = "bicubic",
     antialias: bool = True,
+    reset_head: bool = False,
 ) -> dict[str, Tensor]:
     """Adapts a checkpoint's state dict to ``model`` (timm's ``checkpoint_filter_fn``).
 
     Unwraps ``model``/``state_dict`` entries and strips ``module.``/``_orig_mod.``; renames
     DeiT-III ``gamma_N`` to ``lsN.gamma``; adapts the patch kernel to the model's input channels
     and patch size; resamples ``pos_embed`` to the model's grid (keeping the prefix tokens);
-    drops ``pre_logits`` and any head whose size differs from the model's (the model keeps its
-    freshly initialised head). Each change is logged in one line. Keys or shapes it cannot adapt
-    are left as they are for :func:`load_checkpoint` to report.
+    drops ``pre_logits``, and the heads when the model has none (``num_classes=0``). Each change
+    is logged in one line. Keys or shapes it cannot adapt are left as they are for
+    :func:`load_checkpoint` to report. With ``reset_head`` (the explicit choice of a new
+    classifier, to fine-tune to other classes) a head of another class count is dropped and the
+    file may lack one: the model keeps its fresh head (logged).
+
+    Raises:
+        CheckpointError: (without ``reset_head``) a head of another class count than the model's
+            (both named), or a model head the checkpoint lacks.
     """
+    out, head_problems = _adapt(state_dict, model, interpolation, antialias, reset_head)
+    if head_problems:
+        raise CheckpointError(head_problems[0])
+    return out
+
+
+def _adapt(
+    state_dict: Mapping[str, Any],
+    model: nn.Module,
+    interpolation: str,
+    antialias: bool,
+    reset_head: bool,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """:func:`checkpoint_filter_fn`'s state dict, and its head problems (those heads dropped)."""
     sd = clean_state_dict(_unwrap(state_dict, "the checkpoint"))
     target = model.state_dict()
     npt = int(getattr(model, "num_prefix_tokens", 1))
@@ -366,29 +392,48 @@ def checkpoint_filter_fn(
                 )
                 v = resample_abs_pos_embed(v, grid, (hw, hw), npt, interpolation, antialias)
         out[k] = v
-    for h in _HEADS:
-        w, t = out.get(f"{h}.weight"), target.get(f"{h}.weight")
-        if w is None or (t is None and "head.weight" in target):
-            continue  # no head, or a distilled checkpoint in a plain model (reported later)
-        if t is None:
-            logger.warning(
-                "the model has no classifier (num_classes=0): dropped the checkpoint's %s", h
+    problems = [_check_head(h, out, target, reset_head) for h in _HEADS]
+    return out, [p for p in problems if p]
+
+
+def _check_head(
+    h: str, out: dict[str, Tensor], target: Mapping[str, Tensor], reset_head: bool
+) -> str | None:
+    """Drops head ``h`` from ``out`` where the model has none or ``reset_head`` asks for a new one;
+    a head of another class count, or a model head the file lacks, is otherwise a problem (the
+    message returned; the head is dropped from ``out``, silently, for the other checks)."""
+    w, t = out.get(f"{h}.weight"), target.get(f"{h}.weight")
+    new = "ask for a new head (reset_head=True)"
+    problem = None
+    if w is None:
+        if t is not None and not reset_head:
+            return (
+                f"it has no classifier {h} for the model's {t.shape[0]} classes: load one with a "
+                f"head, or {new}"
             )
-        elif w.shape != t.shape and w.shape[1:] == t.shape[1:]:
-            logger.warning(
-                "checkpoint %s has %d classes, the model %d: %s is newly initialized",
-                h,
-                w.shape[0],
-                t.shape[0],
-                h,
-            )
-        else:
-            continue
-        out.pop(f"{h}.weight")
-        out.pop(f"{h}.bias", None)
-    if "head.weight" in target and "head.weight" not in out and "head.weight" not in sd:
-        logger.warning("checkpoint has no classifier head: the model's head is newly initialized")
-    return out
+        if t is not None:  # reset_head
+            logger.warning("checkpoint has no classifier %s: the model's is newly initialized", h)
+        return None
+    if t is None:
+        if "head.weight" in target:
+            return None  # a distilled checkpoint in a plain model (unexpected key, reported later)
+        logger.warning(
+            "the model has no classifier (num_classes=0): dropped the checkpoint's %s", h
+        )
+    elif w.shape == t.shape or w.shape[1:] != t.shape[1:]:
+        return None  # fits, or another width (a shape mismatch, reported later)
+    elif not reset_head:
+        problem = (
+            f"its {h} predicts {w.shape[0]} classes but the model has {t.shape[0]} (num_classes="
+            f"{t.shape[0]}): build it for {w.shape[0]} (create_model takes the checkpoint's count "
+            f"when num_classes is not given), or {new}"
+        )
+    else:
+        msg = "checkpoint %s has %d classes, the model %d: newly initialized (reset_head)"
+        logger.warning(msg, h, w.shape[0], t.shape[0])
+    out.pop(f"{h}.weight")
+    out.pop(f"{h}.bias", None)
+    return problem
 
 
 def _mismatch(state_dict: Mapping[str, Tensor], model: nn.Module, strict: bool) -> str | None:
@@ -411,41 +456,63 @@ def _mismatch(state_dict: Mapping[str, Tensor], model: nn.Module, strict: bool) 
     return "; ".join(parts) or None
 
 
+def head_num_classes(state_dict: Mapping[str, Any]) -> int | None:
+    """The class count of a state dict's classifier (``head.weight`` rows), ``None`` without one."""
+    head = state_dict.get("head.weight")
+    return int(head.shape[0]) if isinstance(head, Tensor) and head.ndim == 2 else None
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], str]:
+    """A file's state dict (as :func:`load_state_dict`) and its format (``"torch"``,
+    ``"safetensors"``, ``"npz"`` or ``"google"``), for :func:`load_checkpoint`'s ``read``."""
+    return _read(path)
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
     strict: bool = True,
     interpolation: str | None = None,
     antialias: bool | None = None,
+    *,
+    reset_head: bool = False,
+    read: tuple[Mapping[str, Any], str] | None = None,
 ) -> None:
     """Loads a ``.pth`` / ``.npz`` / ``.safetensors`` checkpoint into ``model`` in place.
 
     Args:
         model: the model (built for the wanted ``img_size`` / ``num_classes`` / ``in_chans``).
         path: the checkpoint file.
-        strict: fail on missing or unexpected keys (a head of another size, or none, is always
-            allowed: the model keeps its fresh head). Shape mismatches always fail.
+        strict: fail on missing or unexpected keys. Shape mismatches always fail.
         interpolation: for ``pos_embed`` / patch kernel resampling; default ``"bilinear"``
             (no antialiasing) for Google ``.npz`` files, as Google and timm do, else
             ``"bicubic"`` (antialiased), as timm's ``checkpoint_filter_fn``.
         antialias: antialias when downsampling (default: see ``interpolation``).
+        reset_head: give the model a new head where the file's predicts another number of
+            classes (or it has none), as fine-tuning to other classes does.
+        read: ``(state_dict, format)`` of ``path`` when already read (:func:`read_checkpoint`),
+            possibly changed; ``path`` then only names it in messages.
 
     Raises:
-        CheckpointError: unreadable or unsafe file, or a checkpoint of another architecture
-            (the message names the first missing / unexpected / mismatched keys, with counts).
+        CheckpointError: unreadable or unsafe file, (without ``reset_head``) a head of another
+            class count than the model's (both named) or none, or a checkpoint of another
+            architecture (the message names the first missing / unexpected / mismatched keys,
+            with counts).
     """
-    state_dict, fmt = _read(path)
+    state_dict, fmt = read if read is not None else _read(path)
     if interpolation is None:
         interpolation = "bilinear" if fmt == "google" else "bicubic"
     if antialias is None:
         antialias = fmt != "google"
-    state_dict = checkpoint_filter_fn(state_dict, model, interpolation, antialias)
-    problem = _mismatch(state_dict, model, strict)
-    if problem is not None:
+    fitted, head_problems = _adapt(state_dict, model, interpolation, antialias, reset_head)
+    problem = _mismatch(fitted, model, strict)
+    if problem is not None:  # another architecture first, then another class count
         arch = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
         raise CheckpointError(f"{path} does not fit {arch}: {problem}")
+    if head_problems:
+        raise CheckpointError(f"{path}: {head_problems[0]}")
     target = model.state_dict()
-    fits = {k: v for k, v in state_dict.items() if k in target}
+    fits = {k: v for k, v in fitted.items() if k in target}
     with torch.no_grad():
         model.load_state_dict(fits, strict=False)
 

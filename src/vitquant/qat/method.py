@@ -7,7 +7,8 @@ Each QAT method is a :class:`~vitquant.train.methods.base.TrainMethod` (one file
   and initialises the step sizes from a few training batches (always, also when resuming, so that
   the parameter shapes exist before data-parallel wrapping; the checkpoint then overwrites them);
 * keeps a frozen copy of the float model as the teacher when the method needs one and no
-  ``--teacher`` is given;
+  ``--teacher`` is given (the same on resume: :func:`~vitquant.train.trainer.fit` loads the
+  ``--finetune`` weights before ``prepare_model`` also when resuming);
 * puts the quantizers' steps/offsets and the IRM parameters in a group without weight decay, with
   the learning rate scaled by ``quant_lr_scale``.
 """

@@ -101,7 +101,8 @@ def load_fused_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Loads a fused-``qkv`` float checkpoint (timm/DeiT layout) into a split-q/k/v model.
 
     The checkpoint is adapted as :func:`vitquant.models.checkpoints.load_checkpoint` adapts one
-    (``pos_embed`` resampled, a head of another size left freshly initialised); a checkpoint that
+    (``pos_embed`` resampled; a head of another size is left freshly initialised here, since
+    this loader serves DeiT-style fine-tuning to a new class count); a checkpoint that
     already has split projections loads too.
 
     Raises:

@@ -7,13 +7,16 @@ config), or a foreign checkpoint of ``--teacher-model``. DeiT (Touvron et al., 2
 a teacher that predicts the same classes: another number of classes is an error.
 
 ``--finetune`` accepts checkpoints of the model's float base architecture (the QAT names of
-:mod:`vitquant.qat.models`), fused-``qkv`` ones into split-q/k/v models. A method may replace the
+:mod:`vitquant.qat.models`), fused-``qkv`` ones into split-q/k/v models. As DeiT's ``--finetune``,
+it fine-tunes to the data's classes: a checkpoint head of another class count is replaced by a new
+one, and that decision is printed (a warning naming both counts). A method may replace the
 augmented training set with its own (:func:`method_train_data`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,15 +101,18 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
 
     A QAT model name (``fourbits_vit_micro_patch7_28``, ``vit_micro_patch7_28_quant``) accepts
     checkpoints of its float base architecture (:func:`vitquant.qat.models.base_architecture`);
-    fused-``qkv`` checkpoints load into models with separate q/k/v projections.
+    fused-``qkv`` checkpoints load into models with separate q/k/v projections. A head of another
+    class count than the model's (the data's) gets replaced by a new one (DeiT's fine-tuning to
+    other classes), with a warning on stderr that names both counts.
 
     Raises:
         CheckpointError: a run checkpoint of another base architecture, or weights that do not
             fit (one line naming both architectures).
     """
+    from ..models.checkpoints import head_num_classes, load_state_dict, read_checkpoint
     from ..models.checkpoints import load_checkpoint as load_weights
-    from ..models.checkpoints import load_state_dict
-    from ..qat.models import base_architecture, has_split_attention, load_fused_checkpoint
+    from ..qat.models import base_architecture, has_split_attention
+    from ..qat.split_attention import split_fused_state_dict
 
     ckpt = resolve_run_checkpoint(path)
     mine = base_architecture(model_name)
@@ -118,10 +124,12 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
             f"--finetune {path} is a {what} checkpoint but --model {model_name} needs a {mine} one"
         )
     try:
+        sd, fmt = read_checkpoint(ckpt)
+        theirs = head_num_classes(sd)
         if has_split_attention(model):
-            load_fused_checkpoint(model, ckpt)
-        else:
-            load_weights(model, ckpt)
+            sd = split_fused_state_dict(sd)
+        load_weights(model, ckpt, reset_head=True, read=(sd, fmt))
+        _say_new_head(path, theirs, getattr(model, "num_classes", None))
     except CheckpointError as e:
         try:
             what = other or _describe(load_state_dict(ckpt))
@@ -138,6 +146,20 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
         raise CheckpointError(
             f"--finetune {path} ({what}) does not fit {shown}: {detail}"
         ) from None
+
+
+def _say_new_head(path: str, theirs: int | None, mine: int | None) -> None:
+    """Prints the fine-tuning decision to train a new head (another class count, or none)."""
+    from .distributed import is_main
+
+    if mine and theirs != mine and is_main():
+        what = f"a head of {theirs} classes" if theirs else "no classifier head"
+        print(
+            f"warning: --finetune {path} has {what}, the data {mine} classes: training a new "
+            "head (DeiT fine-tuning)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_teacher(

@@ -7,7 +7,10 @@ each epoch and every ``save_every_steps`` steps / ``save_every_minutes`` minutes
 same command loads it, skips the done batches of the epoch without loading them, restores the
 RNG states and continues, so the final weights and metrics are exactly those of an uninterrupted
 run. The RNG stream is re-seeded from ``(seed, epoch, rank)`` at the start of each epoch, after
-the epoch's data iterator is created. A finished run just reports its ``result.json``.
+the epoch's data iterator is created. The ``--finetune`` weights are loaded on resume as well,
+before the method's ``prepare_model``: a teacher it copies from the float model (Q-ViT's DGD,
+ft-qat's KL) and ft-qat's calibration are those of the first run; the checkpoint then replaces
+the student's state. A finished run just reports its ``result.json``.
 
 A run never silently starts over: a ``last.pt`` that cannot be read or loaded, one written with
 other options or for other data (steps per epoch), or a started folder (``best.pt``, logged epochs)
@@ -217,7 +220,7 @@ class _Run:
         self.eval_loader = eval_loader(
             self.data.eval_set, eval_bs, info.rank, info.world_size, cfg.num_workers
         )
-        if cfg.finetune and state is None:
+        if cfg.finetune:  # on resume too: a teacher copied from the float model needs them
             load_finetune(model, cfg.finetune, cfg.model)
         if cfg.distillation_type != "none":
             for m in model.modules():

@@ -12,7 +12,10 @@ With ``--distillation-type soft|hard`` (and ``--teacher``) the loss is instead D
 
 The calibrated start point is either a file of ``vitquant calibrate`` (``--calibrated``) or made
 here from the float model (``--finetune``) with the preset (``--preset``, default ``ft2``) and the
-calibrator (``--calibrator``, default percentile 99.99).
+calibrator (``--calibrator``, default percentile 99.99). The KL teacher is a frozen copy of that
+float model; a resumed run gets the same one (and the same calibration, which its checkpoint then
+replaces), since :func:`~vitquant.train.trainer.fit` loads ``--finetune`` before
+``prepare_model`` also when resuming.
 """
 
 from __future__ import annotations
