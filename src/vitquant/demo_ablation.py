@@ -6,7 +6,9 @@ start from the MSE fit: the W4A4 rows' 99.99th-percentile start puts nearly ever
 the zero bin, and the model never recovers (10 % top-1).
 
 * LSQ (Esser et al., 2020, arXiv 1902.08153);
-* Q-ViT with IRM and DGD, without IRM, without DGD (Li et al., 2022, arXiv 2210.06707);
+* Q-ViT with IRM and DGD, without IRM, without DGD (Li et al., 2022, arXiv 2210.06707); IRM is
+  the default fixed-statistics form (``--irm-stats channel``), not the paper's dynamic
+  re-normalisation (``--irm-stats dynamic``), as the notes say;
 * VVTQ with the bin regulariser (λ = 100: VVTQ's 0.01 does nothing in weight units on this model,
   see ``docs/qat.md``) and oscillation freezing, and without either (Huang et al., 2024,
   arXiv 2307.00331); their notes give the fraction of weights whose integer code reversed
@@ -21,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_qat import add_softlabels, qat_row, train_images
+from .demo_qat import QVIT_IRM_NOTE, add_softlabels, qat_row, train_images
 from .train.experiment import Experiment
 
 __all__ = ["ABLATION_TRAIN_IMAGES", "ABLATION_LR", "ABLATION_ROWS", "ablation_rows"]
@@ -33,9 +35,9 @@ ABLATION_LR = 5e-4
 #: row name -> (method, method options, note)
 ABLATION_ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
     "LSQ W2A2": ("lsq", {}, "LSQ"),
-    "Q-ViT W2A2": ("qvit", {"irm": True, "dgd": True}, "IRM + DGD"),
+    "Q-ViT W2A2": ("qvit", {"irm": True, "dgd": True}, f"{QVIT_IRM_NOTE} + DGD"),
     "Q-ViT W2A2 no IRM": ("qvit", {"irm": False, "dgd": True}, "DGD only"),
-    "Q-ViT W2A2 no DGD": ("qvit", {"irm": True, "dgd": False}, "IRM only"),
+    "Q-ViT W2A2 no DGD": ("qvit", {"irm": True, "dgd": False}, f"{QVIT_IRM_NOTE} only"),
     "VVTQ W2A2": ("vvtq", {"reg": True, "reg_max": 100.0, "freeze": True}, "reg λ=100 + freezing"),
     "VVTQ W2A2 no reg/freeze": ("vvtq", {"reg": False, "freeze": False}, "neither"),
 }

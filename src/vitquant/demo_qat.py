@@ -2,7 +2,10 @@
 
 * LSQ: learned step sizes (Esser et al., 2020, arXiv 1902.08153), LSQ+ offset after GELU;
 * Q-ViT: per-head / per-feature quantizers with learnable zero points, the information
-  rectification module and distribution-guided distillation (Li et al., 2022, arXiv 2210.06707);
+  rectification module and distribution-guided distillation (Li et al., 2022, arXiv 2210.06707).
+  Its IRM is vitquant's default form, ``--irm-stats channel`` (a learnable per-channel affine
+  with statistics fixed at calibration), not the paper's dynamic re-normalisation
+  (``--irm-stats dynamic``); the row's note says so;
 * VVTQ: split q/k/v, oscillation tracking and freezing, and multi-crop soft labels (FKD) made by
   the float model (Huang et al., 2024, arXiv 2307.00331); with ``VVTQ_SOFTLABELS = False`` it
   distils from the float teacher instead (DeiT's soft distillation).
@@ -25,6 +28,7 @@ from .demo_utils import epochs_text, finetune_recipe, load_trained, size_fields,
 
 __all__ = [
     "QAT_TRAIN_IMAGES",
+    "QVIT_IRM_NOTE",
     "VVTQ_SOFTLABELS",
     "VVTQ_CROPS",
     "VVTQ_TRAIN_IMAGES",
@@ -34,6 +38,8 @@ __all__ = [
     "softlabel_folder",
 ]
 
+#: what the Q-ViT rows' IRM is: the default ``--irm-stats channel``, not the paper's dynamic form
+QVIT_IRM_NOTE = "IRM (fixed per-channel stats, --irm-stats channel)"
 #: training images of one QAT row: (normal, quick)
 QAT_TRAIN_IMAGES = (20000, 3000)
 #: Q-ViT's epochs (its per-feature zero points and IRM start further from float): (normal, quick)
@@ -103,11 +109,11 @@ def lsq_row(ctx: DemoContext) -> DemoRow:
 
 @register_demo_step("qat-qvit")
 def qvit_row(ctx: DemoContext) -> DemoRow:
-    """Q-ViT W4A4: IRM and DGD (the float model as the DGD teacher)."""
+    """Q-ViT W4A4: IRM (fixed per-channel statistics) and DGD (the float model as the teacher)."""
     args = {"wbits": 4, "abits": 4, "init": "percentile", "irm": True, "dgd": True}
     n = train_images(ctx, QVIT_TRAIN_IMAGES)
     epochs = QVIT_EPOCHS[1] if ctx.config.quick else QVIT_EPOCHS[0]
-    return qat_row(ctx, "Q-ViT W4A4", "qvit", args, n, "IRM + DGD", epochs=epochs)
+    return qat_row(ctx, "Q-ViT W4A4", "qvit", args, n, QVIT_IRM_NOTE + " + DGD", epochs=epochs)
 
 
 def softlabel_folder(ctx: DemoContext, train_images: int) -> str:

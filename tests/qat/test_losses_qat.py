@@ -157,3 +157,57 @@ def test_dgd_average_terms_divides_by_layers_heads_and_qk() -> None:
     t, s = _qk(3, h=2), _qk(3, h=2)
     total = dgd_loss(s, t)
     torch.testing.assert_close(dgd_loss(s, t, average_terms=True), total / (3 * 2 * 2))
+
+
+def _dgd_of_models(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.Tensor:
+    from vitquant.qat.capture import QKCapture
+
+    s_cap, t_cap = QKCapture(student), QKCapture(teacher, detach=True)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    student(x)
+    with torch.no_grad():
+        teacher(x)
+    loss = dgd_loss(s_cap.pop(), t_cap.pop(), average_terms=True)
+    s_cap.remove()
+    t_cap.remove()
+    return loss
+
+
+def test_dgd_gradient_reaches_the_students_qk_projection() -> None:
+    import copy
+
+    from vitquant.models import create_model
+    from vitquant.qat.quantize import QATScheme, build_qat_model, init_qat
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_nano_patch4_28").eval()
+    student = build_qat_model(copy.deepcopy(teacher), QATScheme(3, 3, input_quantizer="qvit"))
+    init_qat(student, [torch.randn(8, 1, 28, 28)], num_batches=1)
+    student.eval()
+    loss = _dgd_of_models(student, teacher)
+    assert float(loss.detach()) > 1e-3
+    loss.backward()
+    c = teacher.embed_dim
+    for i, blk in enumerate(student.blocks):
+        g = blk.attn.qkv.weight.grad
+        assert g is not None and torch.isfinite(g).all(), f"block {i}"
+        assert float(g[: 2 * c].abs().sum()) > 0, f"no gradient on q/k rows of block {i}"
+    # the last layer's values feed no later query or key: DGD gives them nothing
+    last = student.blocks[-1].attn.qkv.weight.grad
+    assert float(last[2 * c :].abs().sum()) == 0.0
+    assert student.head.weight.grad is None or float(student.head.weight.grad.abs().sum()) == 0
+
+
+def test_dgd_gradient_is_zero_when_the_student_is_the_teacher() -> None:
+    import copy
+
+    from vitquant.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_nano_patch4_28").eval()
+    student = copy.deepcopy(teacher)
+    loss = _dgd_of_models(student, teacher)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and float(g.abs().sum()) == 0 for g in grads)

@@ -50,7 +50,22 @@ def _log(exp: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(exp, "log.jsonl"))]
 
 
-def test_lsq_runs_and_learns_steps(float_ckpt: str, tmp_path: Path) -> None:
+def test_lsq_runs_and_learns_steps(
+    float_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitquant.qat.method import QATMethod
+    from vitquant.quant import named_quantizers
+
+    initial: dict[str, torch.Tensor] = {}
+    prepare = QATMethod.prepare_model
+
+    def recording_prepare(self: QATMethod, model: torch.nn.Module, ctx: object) -> object:
+        out = prepare(self, model, ctx)  # type: ignore[arg-type]
+        for name, q in named_quantizers(out):
+            initial[f"{name}.scale"] = q.scale.detach().clone()
+        return out
+
+    monkeypatch.setattr(QATMethod, "prepare_model", recording_prepare)
     res = run_qat(
         "lsq",
         float_ckpt,
@@ -60,9 +75,19 @@ def test_lsq_runs_and_learns_steps(float_ckpt: str, tmp_path: Path) -> None:
         **TINY,
     )
     assert 0.0 <= res["top1"] <= 100.0
-    state = torch.load(os.path.join(res["experiment"], "best.pt"), weights_only=True)
-    scales = [k for k in state["model"] if k.endswith("weight_quantizer.scale")]
-    assert scales and all(state["model"][k].numel() > 0 for k in scales)
+    state = torch.load(os.path.join(res["experiment"], "last.pt"), weights_only=True)["model"]
+    weights = [k for k in initial if k.endswith("weight_quantizer.scale")]
+    acts = [k for k in initial if k.endswith("input_quantizer.scale")]
+    assert weights and acts and all(k in state for k in initial)
+    for k in initial:
+        assert state[k].shape == initial[k].shape and initial[k].numel() > 0, k
+
+    def moved(keys: list[str]) -> list[str]:
+        return [k for k in keys if not torch.allclose(state[k], initial[k], rtol=1e-4, atol=0)]
+
+    # training moved the learned step sizes away from their initialisation (LSQ's point)
+    assert len(moved(weights)) >= 0.9 * len(weights), moved(weights)
+    assert len(moved(acts)) >= 0.5 * len(acts), moved(acts)
 
 
 def test_qvit_logs_dgd_and_uses_irm(float_ckpt: str, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The QAT ablation of ``docs/qat.md``: LSQ, Q-ViT (± IRM, ± DGD), VVTQ (± regulariser,
-± freezing) and FasterTransformer QAT on the demo model, each against float.
+"""The QAT ablation of ``docs/qat.md``: LSQ, Q-ViT (± IRM, ± DGD; IRM with fixed per-channel
+statistics by default, per token as the released code, or dynamic as the paper), VVTQ
+(± regulariser, ± freezing) and FasterTransformer QAT on the demo model, each against float.
 
 Every row is one :func:`~vitquant.qat.run.run_qat` run (so one ``vitquant train`` command, printed
 with the row). Run it as ``python -m vitquant.qat.ablation --finetune <float run> --bits 4 2``;
@@ -39,6 +40,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     # IRM as the released code: LayerNorm statistics per token
     "qvit-irm-token": ("qvit", {"irm_stats": "token"}),
     "qvit-irm-token-no-dgd": ("qvit", {"irm_stats": "token", "dgd": False}),
+    # IRM as the paper defines it: re-normalised by the current q/k's statistics (the rows
+    # above without irm_stats use the default fixed-statistics form, "channel")
+    "qvit-irm-dynamic": ("qvit", {"irm_stats": "dynamic"}),
+    "qvit-irm-dynamic-no-dgd": ("qvit", {"irm_stats": "dynamic", "dgd": False}),
     # DGD's weight (the paper sums over layers and heads; vitquant averages, weight 1)
     "qvit-dgd0.3": ("qvit", {"dgd_weight": 0.3}),
     "qvit-dgd3": ("qvit", {"dgd_weight": 3.0}),

@@ -10,16 +10,69 @@ route ``q·kᵀ`` through a ``qk_matmul`` module; :class:`QKCapture` hooks it:
 
 Queries arrive scaled by ``1/sqrt(head_dim)`` and keys transposed; the keys are transposed back
 and the scale is left in place (the row normalisation of the similarity matrices cancels it).
+
+The captured tensors hold every token, prefix tokens first. :func:`prefix_tokens` names a
+model's (class token, DeiT's distillation token) and :func:`dgd_tokens` keeps the tokens DGD
+compares, so that a distilled teacher's ``[cls, dist, patches]`` meets a plain student's
+``[cls, patches]`` as class token with class token and patch with patch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["QKCapture", "attention_modules"]
+from ..errors import ConfigError
+
+__all__ = ["QKCapture", "attention_modules", "prefix_tokens", "dgd_tokens", "NAMED_PREFIX_TOKENS"]
+
+
+#: prefix tokens DGD compares between teacher and student when both models have them
+NAMED_PREFIX_TOKENS = ("cls", "dist")
+
+
+def prefix_tokens(model: nn.Module) -> tuple[str, ...]:
+    """The prefix tokens of a ViT, in order: ``("cls",)``, DeiT's ``("cls", "dist")``, ...
+
+    Reads the model's ``num_prefix_tokens`` (vitquant's and timm's ViTs) and which of
+    ``cls_token`` / ``dist_token`` it has (they come first, in that order); any further prefix
+    token (timm's register tokens) is ``"other"``. A wrapper with ``.module`` (data-parallel) is
+    looked through.
+
+    Raises:
+        ConfigError: the model does not say how many prefix tokens it has, or has fewer than
+            its class and distillation tokens.
+    """
+    net = model
+    while not hasattr(net, "num_prefix_tokens") and isinstance(
+        getattr(net, "module", None), nn.Module
+    ):
+        net = net.module  # type: ignore[assignment]
+    n = getattr(net, "num_prefix_tokens", None)
+    if not isinstance(n, int) or n < 0:
+        raise ConfigError(
+            f"DGD needs to know the prefix tokens of {type(model).__name__}: it has no "
+            "num_prefix_tokens attribute"
+        )
+    names = [t for t in NAMED_PREFIX_TOKENS if getattr(net, f"{t}_token", None) is not None]
+    if len(names) > n:
+        raise ConfigError(
+            f"{type(net).__name__} has {', '.join(names)} tokens but num_prefix_tokens={n}"
+        )
+    return tuple(names + ["other"] * (n - len(names)))
+
+
+def dgd_tokens(x: Tensor, prefix: tuple[str, ...], keep: tuple[str, ...]) -> Tensor:
+    """The tokens of ``x`` (``[..., N, D]``, prefix tokens first) that DGD compares: the prefix
+    tokens named in ``keep`` (in ``keep``'s order), then every patch token."""
+    if prefix == keep:
+        return x
+    n = len(prefix)
+    idx = [prefix.index(t) for t in keep] + list(range(n, x.shape[-2]))
+    return x.index_select(-2, torch.tensor(idx, device=x.device))
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -38,6 +91,12 @@ class QKCapture:
         model: a ViT (float or prepared).
         detach: store detached tensors (for a teacher).
 
+    Attributes:
+        prefix: the model's :func:`prefix_tokens` (e.g. ``("cls", "dist")``).
+
+    Raises:
+        ConfigError: the model does not say how many prefix tokens it has.
+
     Example:
         >>> cap = QKCapture(student)
         >>> logits = student(x)
@@ -50,6 +109,7 @@ class QKCapture:
         self._handles: list[RemovableHandle] = []
         self._q: dict[int, Tensor] = {}
         self._k: dict[int, Tensor] = {}
+        self.prefix = prefix_tokens(model)
         self.layers = attention_modules(model)
         for i, (_, attn) in enumerate(self.layers):
             mm = attn.qk_matmul

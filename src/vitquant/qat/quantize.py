@@ -57,8 +57,9 @@ class QATScheme:
         post_gelu_offset: LSQ+ (unsigned, learnable offset) on the GELU output entering ``fc2``.
         edge_bits: bits of the patch embedding and the head(s) (weights and inputs).
         irm: Q-ViT's information rectification on q and k.
-        irm_stats: where IRM's μ and σ come from: ``"channel"`` or ``"token"``
-            (:class:`~vitquant.qat.irm.InformationRectification`).
+        irm_stats: where IRM's μ and σ come from: ``"channel"`` (fixed at calibration: a
+            learnable per-channel affine), ``"dynamic"`` (the paper's: the current q/k's) or
+            ``"token"`` (:class:`~vitquant.qat.irm.InformationRectification`).
         split_qkv: separate q/k/v projections (VVTQ).
     """
 

@@ -5,13 +5,19 @@ arXiv 2210.06707):
 
 * Q-ViT's LSQ-style quantizers with learnable zero points, per input feature on Linear inputs and
   per head on q, k, v and the attention probabilities; patch embedding and head(s) at 8 bits;
-* the information rectification module on q and k (``--irm``, :mod:`vitquant.qat.irm`), with
-  statistics per channel (``--irm-stats channel``: starts as the float function) or per token as
-  the released code's LayerNorm (``--irm-stats token``);
+* the information rectification module on q and k (``--irm``, :mod:`vitquant.qat.irm`):
+  ``--irm-stats channel`` (default) a learnable per-channel affine with statistics fixed at
+  calibration (starts as the float function, folds into the q/k projection), ``dynamic`` the
+  paper's re-normalisation by the statistics of the current q/k in every forward, or ``token``
+  the released code's LayerNorm per token;
 * distribution-guided distillation (``--dgd``): the row-normalised q·qᵀ and k·kᵀ of every layer
   and head of the quantized student are matched to those of a float teacher
   (:func:`vitquant.train.losses_qat.dgd_loss`), added to the engine's loss (CE plus DeiT soft or
-  hard distillation from ``--teacher``). The original code never shipped DGD.
+  hard distillation from ``--teacher``). The original code never shipped DGD. Each model's own
+  prefix tokens are accounted for (:func:`align_dgd_tokens`): with a distilled DeiT teacher
+  (``[cls, dist, patches]``) and a plain student (``[cls, patches]``) the class tokens are
+  compared with each other, the patches with the patches, and the distillation token not at all
+  (two distilled models, as Q-ViT's recipes, also compare their distillation tokens).
 
 The DGD teacher is ``--teacher`` when given, else a frozen copy of the float model the run starts
 from (``--finetune``).
@@ -20,12 +26,12 @@ from (``--finetune``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ...qat.capture import QKCapture
+from ...errors import ConfigError
+from ...qat.capture import NAMED_PREFIX_TOKENS, QKCapture, dgd_tokens
 from ...qat.irm import IRM_STATS, check_irm_stats
 from ...qat.method import QATMethod, QATMethodConfig
 from ...qat.quantize import QATScheme
@@ -33,7 +39,7 @@ from ..losses_qat import dgd_loss
 from . import METHODS
 from .base import MethodContext, StepState
 
-__all__ = ["QViTConfig", "QViTMethod"]
+__all__ = ["QViTConfig", "QViTMethod", "align_dgd_tokens"]
 
 
 @dataclass
@@ -44,8 +50,10 @@ class QViTConfig(QATMethodConfig):
     irm_stats: str = field(
         default="channel",
         metadata={
-            "help": "IRM's mean and std: per head and channel from calibration (channel) or "
-            "per token as the released code's LayerNorm (token)",
+            "help": "IRM's mean and std: channel = per head and channel, fixed at calibration "
+            "(a learnable affine that folds into qkv); dynamic = the paper's IRM, from the "
+            "current q/k of each image in every forward (cannot fold); token = per token, as "
+            "the released code's LayerNorm",
             "choices": IRM_STATS,
         },
     )
@@ -59,14 +67,40 @@ class QViTConfig(QATMethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.dgd_weight < 0:
-            from ...errors import ConfigError
-
             raise ConfigError("dgd_weight must be >= 0")
         check_irm_stats(self.irm_stats)
 
 
-def _patch_tokens(pairs: list[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:
-    return [(q[..., -n:, :], k[..., -n:, :]) for q, k in pairs]
+Pairs = list[tuple[Tensor, Tensor]]
+
+
+def align_dgd_tokens(
+    student: Pairs, s_prefix: tuple[str, ...], teacher: Pairs, t_prefix: tuple[str, ...]
+) -> tuple[Pairs, Pairs]:
+    """The student's and teacher's ``(q, k)`` per layer on the tokens DGD compares.
+
+    Each side keeps, of its own prefix tokens (:func:`~vitquant.qat.capture.prefix_tokens`), the
+    class and distillation tokens that the other model has too (class token against class token,
+    distillation token against distillation token, never one against the other), then all its
+    patch tokens. A distilled teacher and a plain student compare ``[cls, patches]``; two
+    distilled models ``[cls, dist, patches]``; two plain ones ``[cls, patches]``.
+
+    Raises:
+        ConfigError: the two models have different numbers of patch tokens.
+    """
+    n_s = student[0][0].shape[-2] - len(s_prefix)
+    n_t = teacher[0][0].shape[-2] - len(t_prefix)
+    if n_s != n_t:
+        raise ConfigError(
+            f"DGD needs the same patch tokens in student ({n_s}) and teacher ({n_t}): give the "
+            "teacher the student's image and patch size"
+        )
+    shared = tuple(t for t in NAMED_PREFIX_TOKENS if t in s_prefix and t in t_prefix)
+
+    def keep(pairs: Pairs, prefix: tuple[str, ...]) -> Pairs:
+        return [(dgd_tokens(q, prefix, shared), dgd_tokens(k, prefix, shared)) for q, k in pairs]
+
+    return keep(student, s_prefix), keep(teacher, t_prefix)
 
 
 @METHODS.register("qvit")
@@ -104,7 +138,7 @@ class QViTMethod(QATMethod):
             self._student_cap = QKCapture(model)
         return model
 
-    def _teacher_pairs(self, teacher: nn.Module, inputs: Tensor, ran: bool) -> list[Any]:
+    def _teacher_pairs(self, teacher: nn.Module, inputs: Tensor, ran: bool) -> Pairs:
         if self._teacher_cap is None or self._teacher_id != id(teacher):
             if self._teacher_cap is not None:
                 self._teacher_cap.remove()
@@ -130,16 +164,17 @@ class QViTMethod(QATMethod):
             return loss, logs
         teacher = crit.teacher
         if teacher is None:
-            from ...errors import ConfigError
-
             raise ConfigError("DGD needs a teacher: give --teacher or --finetune a float model")
         ran = crit.distillation_type != "none" and not first_time
         t_pairs = self._teacher_pairs(teacher, inputs, ran)
         s_pairs = self._student_cap.pop()
-        n = min(s_pairs[0][0].shape[-2], t_pairs[0][0].shape[-2])
+        assert self._teacher_cap is not None
+        s_pairs, t_pairs = align_dgd_tokens(
+            s_pairs, self._student_cap.prefix, t_pairs, self._teacher_cap.prefix
+        )
         d = dgd_loss(
-            _patch_tokens(s_pairs, n),
-            _patch_tokens(t_pairs, n),
+            s_pairs,
+            t_pairs,
             average_terms=not self.config.dgd_sum,  # type: ignore[attr-defined]
         )
         weight = float(self.config.dgd_weight)  # type: ignore[attr-defined]
