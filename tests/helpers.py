@@ -36,3 +36,40 @@ def import_timm() -> types.ModuleType:
 
 
 _keep: list[object] = []
+
+
+def randomize_affine(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Gives every bias, LayerNorm and LayerScale of ``model`` random non-trivial values.
+
+    A freshly initialised ViT has zero biases, LayerNorms with weight 1 and bias 0, and LayerScale
+    gammas all equal to ``init_values``: with those, an export or a lowering that drops or
+    misplaces a bias, a LayerNorm affine parameter or a LayerScale still computes the same
+    function. This makes them matter: biases ~ N(0, 0.2²), LayerNorm weights in [0.5, 1.5] and
+    biases ~ N(0, 0.2²), gammas in [0.3, 1.2] (per channel). Call it before ``prepare``. Returns
+    ``model`` (in place).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen) * std
+
+    def uniform(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(t.shape, generator=gen)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                if m.weight is not None:
+                    m.weight.copy_(uniform(m.weight, 0.5, 1.5))
+                if m.bias is not None:
+                    m.bias.copy_(normal(m.bias, 0.2))
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None:
+                m.bias.copy_(normal(m.bias, 0.2))
+            elif type(m).__name__ == "LayerScale":
+                m.gamma.copy_(uniform(m.gamma, 0.3, 1.2))
+    return model
+
+
+def has_layer_scale(model: torch.nn.Module) -> bool:
+    """True when ``model`` has at least one LayerScale (``init_values`` given)."""
+    return any(type(m).__name__ == "LayerScale" for m in model.modules())

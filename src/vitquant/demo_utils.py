@@ -58,21 +58,11 @@ def calib_batches(ctx: DemoContext, n: int = 320, batch: int = 32) -> list[torch
     return [xs[i : i + batch] for i in range(0, len(xs), batch)]
 
 
-#: state entries that only training needs (VVTQ's oscillation tracking: 8 tensors per weight)
-TRAINING_STATE = (".oscillation.",)
-
-
 def true_size(model: nn.Module) -> float:
-    """True size in MiB of a prepared model's packed export (:func:`model_size_report`),
-    without the training-only state of :data:`TRAINING_STATE` (which the export still holds)."""
+    """True size in MiB of a prepared model's packed export (:func:`model_size_report`)."""
     from .export.io import model_size_report
 
-    extra = sum(
-        v.numel() * v.element_size()
-        for k, v in model.state_dict().items()
-        if torch.is_tensor(v) and any(s in k for s in TRAINING_STATE)
-    )
-    return (model_size_report(model)["quantized_bytes"] - extra) / 2**20
+    return model_size_report(model)["quantized_bytes"] / 2**20
 
 
 def size_fields(ctx: DemoContext, size_mb: float) -> dict[str, float]:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import vitquant
+from helpers import has_layer_scale, randomize_affine
 from vitquant.errors import CheckpointError, ConfigError
 from vitquant.export.io import (
     load_quantized,
@@ -28,8 +29,12 @@ from vitquant.quant import QuantConfig, calibrate, prepare
 
 
 def _model(wbits: int, preset: str = "ft1", name: str = "vit_nano_patch4_28", **kw) -> nn.Module:
+    """A calibrated model with LayerScale and random biases, LayerNorms and gammas, so that an
+    export losing any of them changes the logits."""
     torch.manual_seed(0)
+    kw.setdefault("init_values", 0.5)
     m = vitquant.create_model(name, num_classes=10, **kw).eval()
+    randomize_affine(m)
     prepare(m, QuantConfig(preset=preset, wbits=wbits))
     calibrate(m, [torch.randn(8, 1, 28, 28)], method="max", progress=False)
     return m
@@ -47,6 +52,7 @@ def w4_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tenso
 @pytest.mark.parametrize("wbits,preset", [(4, "ft1"), (8, "ft2"), (3, "weight_only")])
 def test_round_trip_identical_logits(tmp_path: Path, wbits: int, preset: str) -> None:
     m = _model(wbits, preset)
+    assert has_layer_scale(m)
     path = save_quantized(m, tmp_path / "m.safetensors")
     loaded = load_quantized(path)
     x = torch.randn(4, 1, 28, 28)

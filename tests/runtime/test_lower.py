@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import vitquant
+from helpers import has_layer_scale, randomize_affine
 from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, QuantLinear, QuantMatMul, calibrate, prepare
 from vitquant.runtime import (
@@ -24,9 +25,17 @@ from vitquant.runtime import (
 BACKENDS = ["reference", "intmm"] + (["onednn"] if onednn_available() else [])
 
 
-def _calibrated(preset: str = "ft1", name: str = "vit_micro_patch4_28", **cfg: object) -> nn.Module:
+def _calibrated(
+    preset: str = "ft1",
+    name: str = "vit_micro_patch4_28",
+    init_values: float | None = 0.5,
+    **cfg: object,
+) -> nn.Module:
+    """A calibrated model whose biases, LayerNorms and LayerScales (``init_values``) are random,
+    so that lowering them wrongly changes the output."""
     torch.manual_seed(0)
-    m = vitquant.create_model(name, num_classes=10).eval()
+    m = vitquant.create_model(name, num_classes=10, init_values=init_values).eval()
+    randomize_affine(m)
     prepare(m, QuantConfig(preset=preset, **cfg))  # type: ignore[arg-type]
     calibrate(m, [torch.randn(16, 1, 28, 28) for _ in range(2)], method="max", progress=False)
     return m
@@ -46,12 +55,42 @@ def _compare(m: nn.Module, backend: str, fuse: bool) -> tuple[float, float]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("preset", ["ft1", "ft2"])
 @pytest.mark.parametrize("fuse", [True, False])
-def test_lowered_model_matches_fake_quant(backend: str, preset: str, fuse: bool) -> None:
-    rel, agree = _compare(_calibrated(preset), backend, fuse)
+@pytest.mark.parametrize("layer_scale", [None, 0.5])
+def test_lowered_model_matches_fake_quant(
+    backend: str, preset: str, fuse: bool, layer_scale: float | None
+) -> None:
+    m = _calibrated(preset, init_values=layer_scale)
+    assert has_layer_scale(m) == (layer_scale is not None)
+    rel, agree = _compare(m, backend, fuse)
     # int8 codes equal the fake-quant codes except where float rounding of a GEMM result
     # crosses a rounding boundary of the next quantizer; those flips stay small
     assert rel < 0.1
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("preset", ["ft1", "ft2"])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("layer_scale", [None, 0.5])
+def test_lowered_block_matches_fake_quant_block(
+    backend: str, preset: str, fuse: bool, layer_scale: float | None
+) -> None:
+    """One block, on the very input the fake-quant block sees: the integer block's output is
+    the fake-quant one up to a few float-rounding flips of single codes, tight enough that a
+    lost or misplaced bias, LayerNorm parameter or LayerScale (all random here) fails."""
+    m = _calibrated(preset, init_values=layer_scale)
+    seen: dict[str, torch.Tensor] = {}
+    hook = m.blocks[1].register_forward_hook(lambda mod, i, o: seen.update(x=i[0], y=o))
+    with torch.no_grad():
+        m(torch.randn(8, 1, 28, 28))
+    hook.remove()
+    low = lower(copy.deepcopy(m), backend, fuse=fuse, warn=False)
+    assert isinstance(low.blocks[1], Int8Block) == fuse
+    with torch.no_grad():
+        y = low.blocks[1](seen["x"])
+    err, ref = (y - seen["y"]).abs(), seen["y"].abs()
+    assert float(err.mean() / ref.mean()) < 1e-3
+    assert float(err.max() / ref.max()) < 5e-3
 
 
 def test_lower_replaces_modules_and_reports() -> None:
@@ -103,7 +142,7 @@ def test_four_bit_weights_run_on_int8_kernels() -> None:
 def test_layer_scale_and_distilled_model() -> None:
     torch.manual_seed(0)
     m = vitquant.create_model("deit_nano_distilled_patch4_28", num_classes=10, init_values=0.5)
-    m.eval()
+    randomize_affine(m.eval())
     prepare(m, QuantConfig(preset="ft1"))
     calibrate(m, [torch.randn(16, 1, 28, 28)], method="max", progress=False)
     rel, agree = _compare(m, BACKENDS[-1], True)
@@ -155,11 +194,15 @@ def test_lower_on_cuda() -> None:
     assert float((y - ref).abs().max() / ref.abs().max()) < 0.1
 
 
-def test_timm_vit_lowers_to_fused_blocks(timm) -> None:
+@pytest.mark.parametrize("init_values", [None, 0.5])
+def test_timm_vit_lowers_to_fused_blocks(timm, init_values: float | None) -> None:
     torch.manual_seed(0)
     m = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64, depth=2
-    ).eval()
+        "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64, depth=2,
+        init_values=init_values,
+    ).eval()  # fmt: skip
+    randomize_affine(m)
+    assert has_layer_scale(m) == (init_values is not None)
     prepare(m, QuantConfig(preset="ft2"))
     x = torch.randn(4, 3, 64, 64)
     calibrate(m, [x], method="max", progress=False)

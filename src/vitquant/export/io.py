@@ -5,7 +5,8 @@ File format ``vitquant-quantized`` version 1: a safetensors file whose tensors a
 * ``<weight>::codes``: uint8, the bit-packed integer codes of every weight with a uniform weight
   quantizer (2..16 bits; see :mod:`vitquant.export.qtensor`);
 * every other state-dict tensor as itself (float parameters, quantizer ranges ``scale``,
-  ``zero_point``, ``amax``, ``amin``, buffers);
+  ``zero_point``, ``amax``, ``amin``, buffers), except training-only state: the oscillation
+  trackers of VVTQ weight quantizers (a frozen weight's code is already its packed code);
 
 and whose safetensors metadata holds ``format``, ``header`` (compact JSON) and ``sha256``. The
 header records the format version, the model (registry name and constructor arguments), the
@@ -71,7 +72,22 @@ def _weight_quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return out
 
 
+def _training_state(model: nn.Module) -> tuple[str, ...]:
+    """State-key prefixes of training-only modules, left out of exports: the oscillation
+    trackers of VVTQ quantizers (their frozen codes are in the packed weight codes already)."""
+    from ..qat.oscillation import OscillationTracker
+
+    return tuple(
+        f"{name}." for name, m in model.named_modules() if isinstance(m, OscillationTracker)
+    )
+
+
 def _infer_model_args(model: nn.Module) -> tuple[str | None, dict[str, Any]]:
+    """The model's registry name and the constructor arguments its state depends on.
+
+    ``init_values`` is recorded when the blocks have LayerScale (its value does not matter: the
+    gammas are loaded from the export, but without it the rebuilt model has no LayerScale).
+    """
     cfg = getattr(model, "default_cfg", None) or {}
     name = cfg.get("architecture")
     kwargs: dict[str, Any] = {}
@@ -81,6 +97,8 @@ def _infer_model_args(model: nn.Module) -> tuple[str | None, dict[str, Any]]:
     if pe is not None and hasattr(pe, "img_size"):
         kwargs["img_size"] = int(pe.img_size[0])
         kwargs["in_chans"] = int(pe.proj.in_channels)
+    if any(type(m).__name__ == "LayerScale" for m in model.modules()):
+        kwargs["init_values"] = 1.0
     return name, kwargs
 
 
@@ -113,7 +131,8 @@ def save_quantized(
         path: the output ``.safetensors`` file (written atomically).
         model_name: its :func:`vitquant.create_model` name (default: ``default_cfg``).
         model_kwargs: constructor arguments (default: ``num_classes``, ``img_size``,
-            ``in_chans`` read from the model); plain data.
+            ``in_chans`` read from the model, and ``init_values`` when it has LayerScale);
+            plain data.
         config: its :class:`~vitquant.quant.QuantConfig` (default: the one ``prepare`` recorded).
 
     Raises:
@@ -151,7 +170,10 @@ def save_quantized(
     tensors: dict[str, Tensor] = {}
     records: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {}
+    skip = _training_state(model)
     for key, value in model.state_dict().items():
+        if skip and key.startswith(skip):
+            continue
         if key.endswith("._extra_state"):
             extra[key] = value
             continue
@@ -316,6 +338,12 @@ def load_quantized(
             state[key] = tensors[key]
         else:
             raise CheckpointError(f"{path}: missing tensor {key}")
+    # training-only state is not exported: the rebuilt model keeps its fresh (empty) one
+    skip = _training_state(model)
+    if skip:
+        for key, value in model.state_dict().items():
+            if key.startswith(skip):
+                state.setdefault(key, value)
     # quantizer ranges first: the packed weights are dequantized with them
     wq = _weight_quantizers(model)
     for key, rec in packed.items():
@@ -372,8 +400,9 @@ def model_size_report(model: nn.Module) -> dict[str, Any]:
     records: dict[str, dict[str, Any]] = {}
     tensors: dict[str, Tensor] = {}
     bits: dict[str, int] = {}
+    skip = _training_state(model)
     for key, value in model.state_dict().items():
-        if not torch.is_tensor(value):
+        if not torch.is_tensor(value) or (skip and key.startswith(skip)):
             continue
         if key in wq and not packable(wq[key][1]):
             b = int(wq[key][1].bits)  # type: ignore[arg-type]

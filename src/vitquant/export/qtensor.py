@@ -3,7 +3,9 @@
 A weight ``w`` quantized by a uniform quantizer (any granularity: per tensor, channel, head or
 group) is stored as its codes ``x_q - qmin`` in ``[0, 2^bits - 1]``, bit-packed densely with
 :func:`vitquant.export.bitpack.pack` (``ceil(numel * bits / 8)`` bytes), while its scale and zero
-point stay in the quantizer's own state-dict entries. Dequantization follows
+point stay in the quantizer's own state-dict entries. The codes are the quantizer's
+:meth:`~vitquant.quant.quantizers.base.Quantizer.int_codes`, the very codes its fake-quant forward
+dequantizes (frozen VVTQ weights included). Dequantization follows
 :class:`~vitquant.quant.QParams`: ``w_hat = (x_q - zero_point) * scale``, which is exactly what the
 fake-quant model computes (its weight quantizer is idempotent on ``w_hat``). The packing layout
 replaces DiffQ's (Défossez et al., 2021, arXiv 2104.09987) per-tensor ``(levels, (min, max))``.
@@ -36,12 +38,17 @@ def packable(quantizer: nn.Module | None) -> str:
 
 
 def quantize_weight(w: Tensor, quantizer: nn.Module) -> Tensor:
-    """Integer codes ``clamp(round(w / s) + z, qmin, qmax)`` (int32) of ``w``."""
-    qp = quantizer.qparams()  # type: ignore[operator]
-    s = quantizer.expanded(qp.scale.to(w.device), w)  # type: ignore[operator]
-    z = quantizer.expanded(qp.zero_point.to(w.device), w)  # type: ignore[operator]
-    q = torch.clamp(torch.round(w.detach().float() / s) + z, qp.qmin, qp.qmax)
-    return q.to(torch.int32)
+    """The integer codes (int32, on ``w``'s device) that ``quantizer``'s forward uses for ``w``.
+
+    They come from :meth:`~vitquant.quant.quantizers.base.Quantizer.int_codes`, the one
+    definition of the codes shared with the fake-quant forward and the int8 runtime:
+    ``clamp(round(w / s) + z, qmin, qmax)`` for plain uniform quantizers, with the frozen codes of
+    a VVTQ quantizer's oscillation tracker substituted.
+    """
+    dev = quantizer.scale.device  # type: ignore[union-attr]
+    with torch.no_grad():
+        q = quantizer.int_codes(w.detach().to(dev))  # type: ignore[operator]
+    return q.to(device=w.device, dtype=torch.int32)
 
 
 def pack_weight(w: Tensor, quantizer: nn.Module, quantizer_name: str) -> tuple[Tensor, dict]:

@@ -8,7 +8,8 @@ Inductor's x86 int8 path and FasterTransformer's int8 ViT kernels do:
 * ``qkv``: when the GEMM output is float in the fake-quant model (ft1), the q/k/v quantizer scales
   are folded into the per-channel requantization of the GEMM epilogue, so the kernel writes the
   int8 codes of ``q·scale``, ``k`` and ``v`` directly;
-* ``q·kᵀ`` and ``attn·v`` run as int8 GEMMs per head with int32 accumulation; the ``attn·v``
+* ``q·kᵀ`` and ``attn·v`` run as exact integer products of all heads at once
+  (:func:`~vitquant.runtime.kernels.int8_bmm`) with int32 accumulation; the ``attn·v``
   result is rescaled and quantized for ``proj`` in one pass;
 * ``proj`` and ``fc2`` add the residual in their epilogue (when the residual adds are not
   quantized), LayerScale is folded into their output scales;

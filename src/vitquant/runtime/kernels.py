@@ -9,8 +9,14 @@ turned into float (or requantized) in an epilogue:
   activation codes are stored shifted by 128 (``u8 = q + 128``, zero point ``z + 128``) because
   oneDNN's ``int8`` activations run a slow reference kernel here and ``uint8`` ones use VNNI.
 * ``"intmm"`` (CPU or CUDA): ``torch._int_mm`` (int8 x int8 -> int32) and the epilogue in torch.
+  On CUDA, shapes that break ``_int_mm``'s rules (16 rows or fewer, sizes not multiples of 8)
+  are zero-padded (:func:`pad_int_operands`, exact) and the result sliced.
 * ``"reference"``: the exact integer product computed in float64 (exact below 2^53) and the same
   epilogue; the yardstick of the tests.
+
+The attention matmuls (:func:`int8_bmm`, every backend but the reference) batch all heads
+(:func:`int_bmm`): one batched float32 GEMM on CUDA, which is exact on int8 codes, since
+``_int_mm`` has no batched form; int8 GEMMs per head on the CPU, where they are faster.
 
 The quantization conventions are those of :mod:`vitquant.quant.primitives`
 (``x_q = clamp(round(x / s) + z, qmin, qmax)``); FasterTransformer's int8 modes
@@ -40,9 +46,19 @@ __all__ = [
     "PackedWeight",
     "int8_linear",
     "int8_bmm",
+    "int_bmm",
+    "int_mm",
+    "int_mm_padding",
+    "pad_int_operands",
+    "exact_float_chunk",
 ]
 
 BACKENDS = ("onednn", "intmm", "reference")
+
+#: CUDA ``torch._int_mm`` takes inner and output sizes that are multiples of this ...
+INT_MM_MULTIPLE = 8
+#: ... and at least this many rows
+INT_MM_MIN_ROWS = 17
 
 _ONEDNN: bool | None = None
 
@@ -197,22 +213,142 @@ def _acc_int(xq: Tensor, x_zp: int, w: PackedWeight, exact: bool) -> Tensor:
         return acc
     if x2.dtype != torch.int8:
         raise ConfigError("the intmm backend needs int8 activation codes")
-    acc = _int_mm(x2, w.packed)
+    acc = int_mm(x2, w.packed)
     if x_zp:
         acc -= x_zp * w.row_sum
     return acc
 
 
-def _int_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """``torch._int_mm`` where its shape rules allow, else an exact float matmul of the codes."""
+def _round_up(v: int, multiple: int) -> int:
+    return -(-v // multiple) * multiple
+
+
+def int_mm_padding(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """The shape ``(M, K, N)`` of ``[M, K] @ [K, N]`` padded to what CUDA's ``torch._int_mm`` takes.
+
+    Its rules: more than 16 rows, inner and output sizes multiples of 8. ``K`` and ``N`` are
+    rounded up to multiples of :data:`INT_MM_MULTIPLE` (at least 16); ``M`` stays as it is above
+    16 (cuBLAS needs no row alignment, and padding rows would copy the whole activation), else it
+    becomes 24. Zero padding is exact: padded rows and columns are sliced off, and padded inner
+    positions add ``0 * 0`` to every dot product.
+    """
+    if min(m, k, n) < 1:
+        raise ConfigError(f"cannot pad an empty matmul ({m}x{k} @ {k}x{n})")
+    mult = INT_MM_MULTIPLE
+    pm = m if m >= INT_MM_MIN_ROWS else _round_up(INT_MM_MIN_ROWS, mult)
+    return pm, max(_round_up(k, mult), 2 * mult), max(_round_up(n, mult), 2 * mult)
+
+
+def pad_int_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-pads ``a [M, K]`` and ``b [K, N]`` to the shapes of :func:`int_mm_padding`.
+
+    Pure (no kernel call): ``(a_pad @ b_pad)[:M, :N]`` equals ``a @ b`` exactly. Operands that
+    need no padding are returned as they are (strided views included).
+    """
     m, k = a.shape
     n = b.shape[1]
-    if a.is_cuda and (m <= 16 or k % 8 or n % 8):
-        res = (a.double() @ b.double()).to(torch.int32)
+    pm, pk, pn = int_mm_padding(m, k, n)
+    if (pm, pk) != (m, k):
+        a = F.pad(a, (0, pk - k, 0, pm - m))
+    if (pk, pn) != (k, n):
+        b = F.pad(b, (0, pn - n, 0, pk - k))
+    return a, b
+
+
+def int_mm(a: Tensor, b: Tensor, out: Tensor | None = None, *, pad: bool | None = None) -> Tensor:
+    """Exact ``a @ b`` of int8 matrices with int32 accumulation on ``torch._int_mm``.
+
+    Args:
+        a: int8 ``[M, K]``.
+        b: int8 ``[K, N]`` (rows or columns contiguous).
+        out: int32 ``[M, N]`` to write into.
+        pad: zero-pad to :func:`int_mm_padding` and slice the result (None: on CUDA, when the
+            shape breaks ``_int_mm``'s rules there; the CPU kernel takes any shape).
+    """
+    m, n = a.shape[0], b.shape[1]
+    if pad is None:
+        pad = a.is_cuda and int_mm_padding(m, a.shape[1], n) != (m, a.shape[1], n)
+    if pad:
+        ap, bp = pad_int_operands(a, b)
+        res = torch._int_mm(ap, bp)
+        if res.shape != (m, n):
+            res = res[:m, :n]
         return res if out is None else out.copy_(res)
     if out is None:
         return torch._int_mm(a, b)
     return torch._int_mm(a, b, out=out)
+
+
+def _code_bound(dtype: torch.dtype) -> int:
+    """The largest ``|code|`` of an integer storage dtype."""
+    return 255 if dtype == torch.uint8 else 128
+
+
+def exact_float_chunk(a_dtype: torch.dtype = torch.int8, b_dtype: torch.dtype = torch.int8) -> int:
+    """The longest inner dimension whose integer dot products float32 computes exactly.
+
+    Every product has ``|a b| <= bound_a * bound_b`` (``2^14`` for int8), so every partial sum of
+    up to ``2^24 / (bound_a * bound_b)`` products (1024 for int8) is an integer float32 holds
+    exactly, in any summation order; float32 GEMMs run in TF32 or bfloat16 are exact too (int8
+    values fit their mantissas) since they accumulate in float32.
+    """
+    return max(1, 2**24 // (_code_bound(a_dtype) * _code_bound(b_dtype)))
+
+
+def int_bmm(a: Tensor, b: Tensor, *, method: str | None = None, pad: bool | None = None) -> Tensor:
+    """Exact batched ``a @ b`` of integer codes: ``[..., M, K] @ [..., K, N]`` -> int32.
+
+    ``torch._int_mm`` is 2-D only, so a batch of heads runs either
+
+    * ``method="batched"`` (CUDA default): one batched float32 GEMM per slice of at most
+      :func:`exact_float_chunk` inner positions (one slice for int8 with ``K <= 1024``: 197
+      tokens, any head size), exact as explained there, then int32. One kernel for all batch
+      entries and heads instead of one ``_int_mm`` launch each, and no padding needed;
+    * ``method="loop"`` (CPU default): one :func:`int_mm` per batch entry and head on strided
+      views into one int32 buffer. On the CPU each small GEMM runs best on one thread (a
+      parallel region per call costs more than the GEMM, far more when the cores are shared),
+      and int8 GEMMs beat a float32 ``bmm`` there (see ``docs/int8.md``). ``pad`` as in
+      :func:`int_mm`.
+
+    Args:
+        a: int8 (or uint8, ``batched`` only) codes ``[..., M, K]``.
+        b: int8 codes ``[..., K, N]``; batch dimensions broadcast.
+        method: ``"batched"`` or ``"loop"`` (None: by device). Two 2-D operands always run
+            one :func:`int_mm`.
+        pad: for ``"loop"`` and 2-D operands.
+    """
+    if method is None:
+        method = "batched" if a.is_cuda else "loop"
+    if method not in ("batched", "loop"):
+        raise ConfigError(f"unknown batched int8 matmul method {method!r}; use batched or loop")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = a.expand(*batch, *a.shape[-2:])
+    b = b.expand(*batch, *b.shape[-2:])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if not batch and min(m, k, n) > 0:  # a single matrix: int8 GEMM (padded on CUDA)
+        return int_mm(a, b, pad=pad)
+    if method == "batched":
+        step = exact_float_chunk(a.dtype, b.dtype)
+        out = None
+        for start in range(0, k, step):
+            end = min(k, start + step)
+            part = torch.matmul(a[..., start:end].float(), b[..., start:end, :].float())
+            part = part.to(torch.int32)
+            out = part if out is None else out.add_(part)
+        if out is None:  # K == 0
+            out = torch.zeros(*batch, m, n, dtype=torch.int32, device=a.device)
+        return out
+    out = torch.empty(*batch, m, n, dtype=torch.int32, device=a.device)
+    threads = torch.get_num_threads() if not a.is_cuda else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        for idx in itertools.product(*(range(d) for d in batch)):
+            int_mm(a[idx], b[idx], out=out[idx], pad=pad)
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+    return out
 
 
 def int8_linear(
@@ -296,7 +432,9 @@ def _hi(dtype: torch.dtype) -> int:
     return 255 if dtype == torch.uint8 else 127
 
 
-def int8_bmm(a: Tensor, a_zp: int, b: Tensor, b_zp: int, backend: str) -> Tensor:
+def int8_bmm(
+    a: Tensor, a_zp: int, b: Tensor, b_zp: int, backend: str, *, method: str | None = None
+) -> Tensor:
     """Batched integer matmul ``(a - a_zp) @ (b - b_zp)`` with int32 accumulation.
 
     Args:
@@ -304,31 +442,18 @@ def int8_bmm(a: Tensor, a_zp: int, b: Tensor, b_zp: int, backend: str) -> Tensor
         a_zp: zero point of ``a`` in the stored code space.
         b: int8 codes ``[..., K, N]`` (rows or columns contiguous).
         b_zp: zero point of ``b``.
-        backend: ``"reference"`` computes in float64 (exact); the others loop ``torch._int_mm``
-            over the batch (one int8 GEMM per head) into one int32 buffer.
+        backend: ``"reference"`` computes in float64 (exact); the others run :func:`int_bmm`
+            on the raw codes (one batched GEMM on CUDA, int8 GEMMs per head on the CPU) and
+            correct the zero points with row and column sums.
+        method: :func:`int_bmm`'s method (None: by device).
 
     Returns:
         int32 ``[..., M, N]`` (float64 for the reference backend).
     """
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a = a.expand(*batch, *a.shape[-2:])
-    b = b.expand(*batch, *b.shape[-2:])
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if backend == "reference":
         return (a.double() - a_zp) @ (b.double() - b_zp)
-    out = torch.empty(*batch, m, n, dtype=torch.int32, device=a.device)
-    # One small GEMM per head on strided views (no copies of q, kᵀ): on the CPU each runs best
-    # on one thread (a parallel region per call costs more than the GEMM, far more when the
-    # cores are shared).
-    threads = torch.get_num_threads() if not a.is_cuda else 1
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        for idx in itertools.product(*(range(d) for d in batch)):
-            _int_mm(a[idx], b[idx], out=out[idx])
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+    k = a.shape[-1]
+    out = int_bmm(a, b, method=method)
     if b_zp:
         out -= b_zp * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
     if a_zp:

@@ -6,7 +6,8 @@
   the GEMM result is requantized to int8 in the kernel's epilogue and the bias added after it,
   as the fake-quant module computes.
 * :class:`Int8MatMul` replaces a ``QuantMatMul`` (q·kᵀ, attn·v) with both operands quantized:
-  one int8 GEMM per batch entry and head, int32 accumulation, float output.
+  all heads in one exact integer product (:func:`~vitquant.runtime.kernels.int8_bmm`: int8 GEMMs
+  per head on the CPU, one batched GEMM on CUDA), int32 accumulation, float output.
 
 Quantizers are read through their ``qparams()`` (the :class:`~vitquant.quant.QParams` contract)
 and converted with :func:`act_from_quantizer` / :func:`weight_codes`, which return None (with a
@@ -56,19 +57,18 @@ def act_from_quantizer(q: nn.Module | None) -> tuple[ActQ | None, str]:
 def weight_codes(q: nn.Module | None, weight: Tensor) -> tuple[Tensor | None, Tensor, str]:
     """``(codes int8 [N, K], scale [N], "")`` of a weight quantizer, or ``(None, _, reason)``.
 
-    The codes are ``x_q - zero_point``; they must fit in int8 (any symmetric grid of up to 8
+    The codes are ``x_q - zero_point`` with ``x_q`` the quantizer's
+    :meth:`~vitquant.quant.quantizers.base.Quantizer.int_codes` (the codes its fake-quant forward
+    uses, frozen VVTQ weights included); they must fit in int8 (any symmetric grid of up to 8
     bits does). Per-tensor and per-output-channel (axis 0) scales are supported.
     """
     empty = torch.empty(0)
     if not _is_active(q):
         return None, empty, "weight not quantized"
     qp = q.qparams()  # type: ignore[union-attr,operator]
-    w = weight.detach().float()
     if qp.kind != "uniform":
         return None, empty, f"{qp.kind} weight quantizer"
-    if w.dim() != 2:
-        w = w.reshape(w.shape[0], -1)
-    n = w.shape[0]
+    n = weight.shape[0]
     if qp.axis is None or qp.scale.numel() == 1:
         scale = qp.scale.reshape(1).float().expand(n)
         zp = qp.zero_point.reshape(1).float().expand(n)
@@ -76,8 +76,9 @@ def weight_codes(q: nn.Module | None, weight: Tensor) -> tuple[Tensor | None, Te
         scale, zp = qp.scale.reshape(n).float(), qp.zero_point.reshape(n).float()
     else:
         return None, empty, "per-group or per-input-channel weight scales"
-    s, z = scale.to(w.device)[:, None], zp.to(w.device)[:, None]
-    codes = torch.clamp(torch.round(w / s) + z, qp.qmin, qp.qmax) - z
+    with torch.no_grad():
+        x_q = q.int_codes(weight.detach())  # type: ignore[union-attr,operator]
+    codes = x_q.reshape(n, -1) - zp.to(x_q.device)[:, None]
     if codes.numel() and (codes.min() < -128 or codes.max() > 127):
         return None, empty, f"{qp.bits}-bit weight codes do not fit in int8"
     return codes.to(torch.int8), scale.contiguous(), ""
@@ -172,7 +173,8 @@ class Int8MatMul(nn.Module):
 
     Args:
         a, b: the operand quantizers.
-        backend: ``"reference"`` (exact float64) or anything else (``torch._int_mm`` per head).
+        backend: ``"reference"`` (exact float64) or anything else
+            (:func:`~vitquant.runtime.kernels.int8_bmm`, int32).
         output_quantizer: applied to the float result (None in every preset).
     """
 

@@ -7,7 +7,8 @@ the FasterTransformer ViT example): *calibrating* (observe statistics, pass ``x`
 unchanged), then *calibrated* (fake quantization with straight-through gradients). Range state is
 held in buffers (``amax``, ``amin``, ``scale``, ``zero_point``) plus a small ``_extra_state``
 describing the format, so a state dict alone rebuilds a calibrated quantizer. The maths lives in
-:mod:`vitquant.quant.primitives`.
+:mod:`vitquant.quant.primitives`. :meth:`Quantizer.int_codes` is the one definition of the integer
+codes, shared by the fake-quant forward, the packed export and the int8 runtime.
 
 Granularities: per tensor, per channel along any axis, per attention head (contiguous channel
 blocks along an axis) and per group (``group_size`` consecutive elements along an axis, one scale
@@ -243,8 +244,46 @@ class Quantizer(nn.Module):
         return self.fake_quant(x)
 
     def fake_quant(self, x: Tensor) -> Tensor:
-        """Quantize-dequantize with the current range; subclasses define the grid."""
-        raise NotImplementedError
+        """Quantize-dequantize with the current range: the dequantized :meth:`int_codes`.
+
+        Subclasses define the grid through :meth:`_grid`, :meth:`_codes` and :meth:`_dequant`
+        (and override this method only to change the gradient, never the codes).
+        """
+        s, z = self._grid(x)
+        return self._dequant(self._codes(x, s, z, training_step=True), s, z, x)
+
+    # --- integer codes: the one definition shared by forward, export and the int8 runtime --
+    def int_codes(self, x: Tensor) -> Tensor:
+        """The integer codes ``x_q`` in ``[qmin, qmax]`` that the fake-quant forward uses.
+
+        The single source of a quantizer's codes: :meth:`fake_quant` dequantizes exactly these
+        (``forward(x) = dequantize(int_codes(x))``), and the packed export and the int8 runtime
+        store them. Quantizers that override the rounding of some values (VVTQ's frozen weights)
+        substitute them here. The result is a float tensor of integers shaped like ``x``,
+        differentiable where the forward pass is (straight-through estimator); callers that store
+        codes ``detach()`` and cast it. Calling it never changes the quantizer's state (no
+        oscillation tracking).
+
+        Raises:
+            ConfigError: the quantizer was never calibrated.
+        """
+        if not self.is_calibrated:
+            raise ConfigError(f"quantizer {self.name or '<unnamed>'} was never calibrated")
+        s, z = self._grid(x)
+        return self._codes(x, s, z)
+
+    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` broadcast against ``x``, as the forward pass uses them."""
+        return self.expanded(self.scale.detach(), x), self.expanded(self.zero_point.detach(), x)
+
+    def _codes(self, x: Tensor, s: Tensor, z: Tensor, training_step: bool = False) -> Tensor:
+        """The codes of ``x`` on grid ``(s, z)``; ``training_step``: called by the forward pass
+        (a subclass may update training statistics then, from the codes before any override)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no integer codes")
+
+    def _dequant(self, codes: Tensor, s: Tensor, z: Tensor, x: Tensor) -> Tensor:
+        """Float values of ``codes`` (uniform grids: ``(codes - z) * s``) in ``x``'s dtype."""
+        return ((codes - z) * s).to(x.dtype)
 
     # --- calibration ------------------------------------------------------------------------
     def start_calibration(self, method: str = "max", num_bins: int = 2048) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .. import primitives as P
@@ -48,8 +49,21 @@ class Log2Quantizer(Quantizer):
             self.granularity = granularity
         self.set_range(scale)
 
+    def _codes(self, x: Tensor, s: Tensor, z: Tensor, training_step: bool = False) -> Tensor:
+        return P.log2_quantize(x, s, self.bits, self.sqrt2)
+
+    def _dequant(self, codes: Tensor, s: Tensor, z: Tensor, x: Tensor) -> Tensor:
+        return P.log2_dequantize(codes, s, self.bits, self.sqrt2).to(x.dtype)
+
     def fake_quant(self, x: Tensor) -> Tensor:
-        return P.fake_quant_log2(x, self.expanded(self.scale, x), self.bits, self.sqrt2)
+        """The dequantized :meth:`int_codes` (as
+        :func:`~vitquant.quant.primitives.fake_quant_log2`): straight-through gradient on
+        ``[0, scale]``, zero outside."""
+        s, z = self._grid(x)
+        with torch.no_grad():
+            x_hat = self._dequant(self._codes(x, s, z, training_step=True), s, z, x)
+        inside = (x >= 0) & (x <= s)
+        return torch.where(inside, x + (x_hat - x).detach(), x_hat)
 
 
 @QUANTIZERS.register("log2_sqrt2")

@@ -98,12 +98,17 @@ class LSQQuantizer(Quantizer):
         """LSQ's ``1 / sqrt(N · Q_P)`` with ``N`` the elements of ``x`` sharing one scale."""
         return P.lsq_grad_factor(x.numel() // max(1, self.scale.numel()), self.qmax)
 
-    def fake_quant(self, x: Tensor) -> Tensor:
+    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The learnable step (gradient scaled by :meth:`grad_factor`) and zero point (rounded,
+        straight-through) broadcast against ``x``."""
         g = self.grad_factor(x)
         s = self.expanded(P.grad_scale(self.scale, g), x)
         z = self._zero_point(g)
-        z = self.expanded(z, x) if isinstance(z, Tensor) else z
-        return P.fake_quant_ste(x, s, z, self.qmin, self.qmax).to(x.dtype)
+        return s, self.expanded(z, x)
+
+    def _codes(self, x: Tensor, s: Tensor, z: Tensor, training_step: bool = False) -> Tensor:
+        # as primitives.fake_quant_ste: round_ste(x / s + z), differentiable in x, s and z
+        return torch.clamp(P.round_ste(x / s + z), self.qmin, self.qmax)
 
     def _zero_point(self, g: float) -> Tensor:
         if not self.learn_zero_point:

@@ -7,9 +7,9 @@ extended to unsigned and asymmetric grids, narrow range, and per channel / head 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .. import primitives as P
 from .base import QUANTIZERS, Quantizer
 
 __all__ = ["UniformQuantizer"]
@@ -27,7 +27,19 @@ class UniformQuantizer(Quantizer):
 
     kind = "uniform"
 
+    def _codes(self, x: Tensor, s: Tensor, z: Tensor, training_step: bool = False) -> Tensor:
+        return torch.clamp(self._unclamped(x, s, z), self.qmin, self.qmax)
+
+    @staticmethod
+    def _unclamped(x: Tensor, s: Tensor, z: Tensor) -> Tensor:
+        return torch.round(x / s) + z
+
     def fake_quant(self, x: Tensor) -> Tensor:
-        s = self.expanded(self.scale, x)
-        z = self.expanded(self.zero_point, x)
-        return P.fake_quant(x, s, z, self.qmin, self.qmax).to(x.dtype)
+        """:func:`~vitquant.quant.primitives.fake_quant`: the dequantized :meth:`int_codes`, with a
+        straight-through gradient where ``x`` lies inside the grid's range and none outside."""
+        s, z = self._grid(x)
+        q = self._unclamped(x, s, z)
+        inside = (q >= self.qmin) & (q <= self.qmax)
+        # the codes of int_codes (clamped q), computed once with the range mask
+        x_hat = (torch.clamp(q, self.qmin, self.qmax) - z) * s
+        return torch.where(inside, x + (x_hat - x).detach(), x_hat.detach()).to(x.dtype)

@@ -7,6 +7,10 @@ weight's integer value is tracked and weights that oscillate between two levels 
 freeze, see :class:`~vitquant.qat.oscillation.OscillationTracker`). :meth:`penalty` returns the
 bin regulariser of :func:`~vitquant.train.losses_qat.bin_regularizer` times
 :attr:`VVTQQuantizer.reg_weight`, which the training method sets from its cosine schedule.
+
+The frozen codes are part of :meth:`~vitquant.quant.quantizers.base.Quantizer.int_codes`, the one
+definition of the codes that the fake-quant forward, the packed export and the int8 runtime share,
+so a frozen weight keeps its frozen code in all three.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import primitives as P
 from .base import QUANTIZERS
 from .lsq import LSQQuantizer
 
@@ -60,19 +63,18 @@ class VVTQQuantizer(LSQQuantizer):
         self._last_input: Tensor | None = None
 
     def fake_quant(self, x: Tensor) -> Tensor:
-        if not (self.track and self.training) and not self.oscillation.freeze:
-            self._remember(x)
-            return super().fake_quant(x)
-        g = self.grad_factor(x)
-        s = self.expanded(P.grad_scale(self.scale, g), x)
-        z = self._zero_point(g)
-        z = self.expanded(z, x) if isinstance(z, Tensor) else z
-        x_int = torch.clamp(P.round_ste(x / s + z), self.qmin, self.qmax)
-        if self.track and self.training and torch.is_grad_enabled():
-            self.oscillation.update(x_int.detach())
-        x_int = self.oscillation.apply(x_int)
+        """LSQ's fake quantization of the codes of :meth:`int_codes` (frozen weights at their
+        frozen codes); in training mode with gradients it first records the latent codes in the
+        oscillation tracker (which may freeze new weights)."""
         self._remember(x)
-        return ((x_int - z) * s).to(x.dtype)
+        return super().fake_quant(x)
+
+    def _codes(self, x: Tensor, s: Tensor, z: Tensor, training_step: bool = False) -> Tensor:
+        """LSQ's codes with the frozen weights' codes substituted (no gradient there)."""
+        latent = super()._codes(x, s, z)
+        if training_step and self.track and self.training and torch.is_grad_enabled():
+            self.oscillation.update(latent.detach())
+        return self.oscillation.apply(latent)
 
     def _remember(self, w: Tensor) -> None:
         # a plain attribute: assigning a Parameter through nn.Module would register it
