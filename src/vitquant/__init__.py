@@ -8,11 +8,11 @@ export and real int8 inference, behind one quantizer interface.
 
 from __future__ import annotations
 
-from . import qat as _qat  # noqa: F401  (registers the Q-ViT / VVTQ model names)
-from .errors import CheckpointError, ConfigError, DataError, VitquantError
-from .export.io import load_quantized, save_quantized
-from .models import create_model, list_models, register_model
-from .quant import (
+from vitquant import qat as _qat  # noqa: F401  (registers the Q-ViT / VVTQ model names)
+from vitquant.errors import CheckpointError, ConfigError, DataError, VitquantError
+from vitquant.export.io import load_quantized, save_quantized
+from vitquant.models import create_model, list_models, register_model
+from vitquant.quant import (
     QuantConfig,
     calibrate,
     compute_amax,
@@ -24,7 +24,7 @@ from .quant import (
     quantization_disabled,
     save_calibrated,
 )
-from .runtime import lower, lowering_report, measure_speedup
+from vitquant.runtime import lower, lowering_report, measure_speedup
 
 __version__ = "0.1.0"
 

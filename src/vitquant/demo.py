@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError
+from vitquant.errors import ConfigError, DataError
 
 __all__ = [
     "DemoConfig",
@@ -198,7 +198,7 @@ def float_train_config(cfg: DemoConfig) -> Any:
 
     Quick mode trains 3 epochs on a 20000-image subset and evaluates on 2000 test images.
     """
-    from .train.config import TrainConfig
+    from vitquant.train.config import TrainConfig
 
     recipe = dict(
         model="vit_micro_patch7_28",
@@ -236,9 +236,9 @@ def train_float(ctx: DemoContext) -> DemoRow:
     Every later row starts from ``last.pt`` (no model selection on the test set), so the float
     row reports the last epoch's evaluation.
     """
-    from .train import fit
-    from .train.checkpoint import load_checkpoint
-    from .train.experiment import experiment_name
+    from vitquant.train import fit
+    from vitquant.train.checkpoint import load_checkpoint
+    from vitquant.train.experiment import experiment_name
 
     cfg = ctx.config
     train_cfg = float_train_config(cfg)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_qat import QVIT_IRM_NOTE, add_softlabels, qat_row, train_images
-from .train.experiment import Experiment
+from vitquant.demo import DemoContext, DemoRow, register_demo_step
+from vitquant.demo_qat import QVIT_IRM_NOTE, add_softlabels, qat_row, train_images
+from vitquant.train.experiment import Experiment
 
 __all__ = ["ABLATION_TRAIN_IMAGES", "ABLATION_LR", "ABLATION_ROWS", "ablation_rows"]
 

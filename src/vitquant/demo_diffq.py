@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_utils import epochs_text, finetune_recipe, size_fields
+from vitquant.demo import DemoContext, DemoRow, register_demo_step
+from vitquant.demo_utils import epochs_text, finetune_recipe, size_fields
 
 __all__ = ["DIFFQ_PENALTIES", "DIFFQ_GROUP_SIZE", "DIFFQ_TRAIN_IMAGES", "DIFFQ_EPOCHS", "diffq_row"]
 
@@ -32,9 +32,9 @@ DIFFQ_TRAIN_IMAGES = (20000, 3000)
 
 def diffq_row(ctx: DemoContext, penalty: float) -> DemoRow:
     """Fine-tunes the float model with DiffQ at ``penalty`` (or finds the run finished)."""
-    from .train import fit
-    from .train.config import TrainConfig
-    from .train.experiment import Experiment
+    from vitquant.train import fit
+    from vitquant.train.config import TrainConfig
+    from vitquant.train.experiment import Experiment
 
     k = 1 if ctx.config.quick else 0
     method_args = {"penalty": penalty, "group_size": DIFFQ_GROUP_SIZE, "bits_lr": DIFFQ_BITS_LR[k]}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_utils import calib_batches, evaluate, float_model, size_fields
+from vitquant.demo import DemoContext, DemoRow, register_demo_step
+from vitquant.demo_utils import calib_batches, evaluate, float_model, size_fields
 
 __all__ = ["EXPORT_SOURCES", "SPEED_BATCH", "SPEED_REPEATS", "large_model_speedup"]
 
@@ -40,7 +40,7 @@ LARGE_SPEED_REPEATS = 5
 @register_demo_step("export")
 def export_row(ctx: DemoContext) -> DemoRow:
     """Writes, reloads and checks the packed file of a W4 model."""
-    from .export.io import load_quantized, save_quantized, size_report
+    from vitquant.export.io import load_quantized, save_quantized, size_report
 
     source = next((s for s in EXPORT_SOURCES if f"model:{s}" in ctx.artifacts), None)
     if source is None:
@@ -76,8 +76,8 @@ def export_row(ctx: DemoContext) -> DemoRow:
 @register_demo_step("int8")
 def int8_row(ctx: DemoContext) -> DemoRow:
     """Lowers the W8A8 ft1 model to int8 kernels; accuracy and speed-up over float32 eager."""
-    from .export.io import model_size_report
-    from .runtime import lower, measure_speedup
+    from vitquant.export.io import model_size_report
+    from vitquant.runtime import lower, measure_speedup
 
     fq = ctx.artifacts.get("model:PTQ W8A8 ft1")
     if fq is None:
@@ -120,10 +120,10 @@ def large_model_speedup(
 ) -> dict[str, float]:
     """int8 against float32 latency of a randomly initialised ``model`` (W8A8 ft1, percentile
     ranges from two batches of noise): the speed of ViT-sized GEMMs, not an accuracy."""
-    from .models import create_model
-    from .quant import QuantConfig, calibrate, prepare
-    from .runtime import lower, measure_speedup
-    from .train.data import model_img_size
+    from vitquant.models import create_model
+    from vitquant.quant import QuantConfig, calibrate, prepare
+    from vitquant.runtime import lower, measure_speedup
+    from vitquant.train.data import model_img_size
 
     gen = torch.Generator().manual_seed(0)
     net = create_model(model).eval()

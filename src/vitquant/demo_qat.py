@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_utils import epochs_text, finetune_recipe, load_trained, size_fields, true_size
+from vitquant.demo import DemoContext, DemoRow, register_demo_step
+from vitquant.demo_utils import epochs_text, finetune_recipe, load_trained, size_fields, true_size
 
 __all__ = [
     "QAT_TRAIN_IMAGES",
@@ -69,7 +69,7 @@ def qat_row(
     **train: Any,
 ) -> DemoRow:
     """Fine-tunes the float model with ``method`` (or finds the run finished) and makes its row."""
-    from .qat import run_qat
+    from vitquant.qat import run_qat
 
     recipe = finetune_recipe(ctx, train_images, **train)
     t0 = time.monotonic()
@@ -118,8 +118,8 @@ def qvit_row(ctx: DemoContext) -> DemoRow:
 
 def softlabel_folder(ctx: DemoContext, train_images: int) -> str:
     """Makes (once) the float model's soft labels of the VVTQ training subset; its folder."""
-    from .data.softlabels import read_meta
-    from .qat import make_softlabels
+    from vitquant.data.softlabels import read_meta
+    from vitquant.qat import make_softlabels
 
     ckpt = Path(ctx.artifacts["float_checkpoint"])
     key = f"{ckpt.resolve()}|{ckpt.stat().st_mtime_ns}|{train_images}|{VVTQ_CROPS}"

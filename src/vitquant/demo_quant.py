@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 import time
 
-from .demo import DemoContext, DemoRow, register_demo_step
-from .demo_utils import calib_batches, evaluate, float_model, size_fields, true_size
+from vitquant.demo import DemoContext, DemoRow, register_demo_step
+from vitquant.demo_utils import calib_batches, evaluate, float_model, size_fields, true_size
 
 __all__ = ["PTQ_ROWS"]
 
@@ -31,7 +31,7 @@ PTQ_ROWS = (
 @register_demo_step("ptq")
 def ptq_rows(ctx: DemoContext) -> list[DemoRow]:
     """Calibrates the float model with each :data:`PTQ_ROWS` config and evaluates it."""
-    from .quant import QuantConfig, calibrate, prepare
+    from vitquant.quant import QuantConfig, calibrate, prepare
 
     base = float_model(ctx)
     calib = calib_batches(ctx)

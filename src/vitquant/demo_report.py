@@ -15,8 +15,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write
-from .demo import DemoReport, DemoRow, table_cells
+from vitquant._atomic import atomic_write
+from vitquant.demo import DemoReport, DemoRow, table_cells
 
 __all__ = [
     "RESULTS_FORMAT",

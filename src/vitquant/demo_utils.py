@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .demo import DemoContext
+from vitquant.demo import DemoContext
 
 __all__ = [
     "float_model",
@@ -34,7 +34,7 @@ def epochs_text(epochs: int) -> str:
 
 def float_model(ctx: DemoContext) -> nn.Module:
     """A fresh copy of the float model (``last.pt`` of the float run), in eval mode."""
-    from .models import create_model
+    from vitquant.models import create_model
 
     cfg = ctx.artifacts["float_config"]
     ckpt = str(ctx.artifacts["float_checkpoint"])
@@ -43,7 +43,7 @@ def float_model(ctx: DemoContext) -> nn.Module:
 
 def evaluate(ctx: DemoContext, model: nn.Module) -> dict[str, float]:
     """Top-1/top-5 on the demo's test images (all of them, or the quick mode's subset)."""
-    from .train.evaluation import evaluate_model_on
+    from vitquant.train.evaluation import evaluate_model_on
 
     n = ctx.config.eval_images()
     return evaluate_model_on(model, ctx.config.data_path, "test", subset=n, device="cpu")
@@ -51,7 +51,7 @@ def evaluate(ctx: DemoContext, model: nn.Module) -> dict[str, float]:
 
 def calib_batches(ctx: DemoContext, n: int = 320, batch: int = 32) -> list[torch.Tensor]:
     """``n`` training images (seed 0, no augmentation) in batches of ``batch``."""
-    from .data import build_dataset, subset
+    from vitquant.data import build_dataset, subset
 
     ds = subset(build_dataset(ctx.config.data_path, "train", train_transform=False), n, seed=0)
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -60,7 +60,7 @@ def calib_batches(ctx: DemoContext, n: int = 320, batch: int = 32) -> list[torch
 
 def true_size(model: nn.Module) -> float:
     """True size in MiB of a prepared model's packed export (:func:`model_size_report`)."""
-    from .export.io import model_size_report
+    from vitquant.export.io import model_size_report
 
     return model_size_report(model)["quantized_bytes"] / 2**20
 
@@ -110,8 +110,8 @@ def finetune_recipe(ctx: DemoContext, train_subset: int, **changes: Any) -> dict
 def load_trained(ctx: DemoContext, run_dir: str | Path) -> nn.Module:
     """Rebuilds the model a training run ended with (``last.pt``), in eval mode on the CPU, as
     ``vitquant eval`` does (:func:`vitquant.train.evaluation.load_model_for_eval`)."""
-    from .data import dataset_info
-    from .train.evaluation import EvalSpec, load_model_for_eval
+    from vitquant.data import dataset_info
+    from vitquant.train.evaluation import EvalSpec, load_model_for_eval
 
     cfg = ctx.artifacts["float_config"]
     info = dataset_info(cfg.data_path)

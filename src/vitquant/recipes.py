@@ -35,7 +35,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = [
     "ABOUT_KEY",
@@ -187,8 +187,8 @@ def train_config_from_recipe(path: str | os.PathLike[str], **overrides: Any) -> 
         ConfigError: an option that neither ``vitquant train`` nor the recipe's method has (named
             with the file), or invalid values.
     """
-    from .train.config import TrainConfig
-    from .train.methods import get_method
+    from vitquant.train.config import TrainConfig
+    from vitquant.train.methods import get_method
 
     file = find_recipe(path)
     options = {

@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["Registry"]
 

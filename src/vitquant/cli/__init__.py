@@ -23,8 +23,8 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from ..errors import VitquantError
-from ._common import apply_config_file
+from vitquant.cli._common import apply_config_file
+from vitquant.errors import VitquantError
 
 __all__ = ["main", "build_parser", "discover_commands"]
 
@@ -45,7 +45,7 @@ def discover_commands() -> dict[str, ModuleType | BaseException]:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and ``{verb: sub-parser}``."""
-    from .. import __version__
+    from vitquant import __version__
 
     parser = argparse.ArgumentParser(
         prog="vitquant",

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = [
     "add_config_arg",

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import add_config_arg, default_data_path
+from vitquant.cli._common import add_config_arg, default_data_path
 
 __all__ = ["add_parser", "run"]
 
@@ -84,7 +84,7 @@ def add_parser(subparsers: Any) -> None:
 def _loaders(args: argparse.Namespace, source: str, extra: dict[str, Any], in_chans: int) -> Any:
     from torch.utils.data import DataLoader
 
-    from .. import data
+    from vitquant import data
 
     n_calib = args.num_calib_batch * args.calib_batchsz
     common = dict(img_size=args.img_size, train_transform=False, in_chans=in_chans, **extra)
@@ -101,14 +101,14 @@ def _loaders(args: argparse.Namespace, source: str, extra: dict[str, Any], in_ch
 
 def run(args: argparse.Namespace) -> int:
     """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
-    from ..errors import CheckpointError, ConfigError
-    from ..models import create_model
-    from ..quant import QuantConfig, format_summary, quant_summary, save_calibrated
-    from ..quant.sweep import config_label, run_ptq
-    from ..train.checkpoint import write_json
-    from ..train.data import dataset_meta
-    from ..train.distributed import resolve_device
-    from ..train.engine import evaluate
+    from vitquant.errors import CheckpointError, ConfigError
+    from vitquant.models import create_model
+    from vitquant.quant import QuantConfig, format_summary, quant_summary, save_calibrated
+    from vitquant.quant.sweep import config_label, run_ptq
+    from vitquant.train.checkpoint import write_json
+    from vitquant.train.data import dataset_meta
+    from vitquant.train.distributed import resolve_device
+    from vitquant.train.engine import evaluate
 
     if not args.model:
         raise ConfigError("--model is required (see 'vitquant models')")

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Converts and prints the output path and tensor count."""
     from safetensors import safe_open
 
-    from ..models.checkpoints import convert_checkpoint
+    from vitquant.models.checkpoints import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst, unsafe_trust_file=args.unsafe_trust_file)
     with safe_open(str(out), framework="pt") as f:

@@ -15,7 +15,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: Any) -> None:
     """Adds the ``demo`` sub-command."""
-    from ..demo import DemoConfig
+    from vitquant.demo import DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -45,8 +45,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the demo, prints the table and writes the result files."""
-    from ..demo import DemoConfig, format_table, run_demo_report
-    from ..demo_report import write_report
+    from vitquant.demo import DemoConfig, format_table, run_demo_report
+    from vitquant.demo_report import write_report
 
     cfg = DemoConfig(
         data_path=args.data_path,

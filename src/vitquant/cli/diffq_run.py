@@ -96,7 +96,7 @@ def experiment_label(values: dict[str, Any], label: str | None = None) -> str:
         >>> experiment_label({"penalty": 1.0, "group_size": 16})
         'exp_group_size=16,penalty=1'
     """
-    from ..train.experiment import format_value
+    from vitquant.train.experiment import format_value
 
     parts = [f"{k}={format_value(v)}" for k, v in sorted(values.items())]
     name = "exp_" + ",".join(parts) if parts else "exp_default"
@@ -152,14 +152,14 @@ def _run_action(args: argparse.Namespace) -> int:
         return 0
     if args.distributed:
         return subprocess.call(cmd)
-    from . import main
+    from vitquant.cli import main
 
     return main(argv)
 
 
 def _log_action(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..train.experiment import Experiment
+    from vitquant.errors import ConfigError
+    from vitquant.train.experiment import Experiment
 
     exp = Experiment(args.experiment)
     records = exp.read_log()
@@ -182,10 +182,10 @@ def _log_action(args: argparse.Namespace) -> int:
 
 
 def _load(experiment: str, which: str, device: Any) -> tuple[Any, Any, dict[str, Any]]:
-    from ..errors import ConfigError
-    from ..train.data import dataset_meta
-    from ..train.evaluation import EvalSpec, load_model_for_eval, resolve_data
-    from ..train.methods.diffq import quantizer_of
+    from vitquant.errors import ConfigError
+    from vitquant.train.data import dataset_meta
+    from vitquant.train.evaluation import EvalSpec, load_model_for_eval, resolve_data
+    from vitquant.train.methods.diffq import quantizer_of
 
     if not Path(experiment).is_dir():
         raise ConfigError(f"experiment folder not found: {experiment}")
@@ -201,12 +201,12 @@ def _load(experiment: str, which: str, device: Any) -> tuple[Any, Any, dict[str,
 
 
 def _eval_action(args: argparse.Namespace) -> int:
-    from .. import data as vdata
-    from ..train.checkpoint import write_json
-    from ..train.data import eval_loader, model_img_size
-    from ..train.distributed import resolve_device
-    from ..train.evaluation import evaluate_model_on
-    from ..train.methods.diffq import size_report
+    from vitquant import data as vdata
+    from vitquant.train.checkpoint import write_json
+    from vitquant.train.data import eval_loader, model_img_size
+    from vitquant.train.distributed import resolve_device
+    from vitquant.train.evaluation import evaluate_model_on
+    from vitquant.train.methods.diffq import size_report
 
     device = resolve_device(args.device)
     model, quantizer, info = _load(args.experiment, args.which, device)
@@ -214,7 +214,7 @@ def _eval_action(args: argparse.Namespace) -> int:
     img_size = cfg.img_size or model_img_size(model)
     act = args.act_flag or args.act
     if act:
-        from ..diffq.act import quantize_activations
+        from vitquant.diffq.act import quantize_activations
 
         ds = vdata.build_dataset(cfg.data_path, cfg.train_split, img_size=img_size)
         ds = vdata.subset(ds, min(len(ds), args.act_samples * 64), seed=cfg.seed)
@@ -241,8 +241,8 @@ def _eval_action(args: argparse.Namespace) -> int:
 
 
 def _export_action(args: argparse.Namespace) -> int:
-    from ..diffq import save_quantized_state
-    from ..train.distributed import resolve_device
+    from vitquant.diffq import save_quantized_state
+    from vitquant.train.distributed import resolve_device
 
     _, quantizer, _ = _load(args.experiment, args.which, resolve_device("cpu"))
     out = Path(args.out or Path(args.experiment) / "quantized.th")

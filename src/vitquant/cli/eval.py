@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._common import add_config_arg
+from vitquant.cli._common import add_config_arg
 
 __all__ = ["add_parser", "run"]
 
@@ -52,10 +52,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _load_calibrated(path: str, device: Any) -> Any:
-    from ..errors import ConfigError
+    from vitquant.errors import ConfigError
 
     try:
-        from ..quant import load_calibrated  # type: ignore[attr-defined]
+        from vitquant.quant import load_calibrated  # type: ignore[attr-defined]
     except ImportError:
         raise ConfigError(
             "--quantized needs vitquant.quant.load_calibrated, which this version lacks"
@@ -64,10 +64,10 @@ def _load_calibrated(path: str, device: Any) -> Any:
 
 
 def _lower(model: Any) -> Any:
-    from ..errors import ConfigError
+    from vitquant.errors import ConfigError
 
     try:
-        from ..runtime import lower  # type: ignore[attr-defined]
+        from vitquant.runtime import lower  # type: ignore[attr-defined]
     except ImportError:
         raise ConfigError("--int8 needs vitquant.runtime.lower, which this version lacks") from None
     return lower(model)
@@ -75,12 +75,17 @@ def _lower(model: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluates, prints one line, writes the JSON."""
-    from ..errors import CheckpointError, ConfigError
-    from ..train.checkpoint import write_json
-    from ..train.data import dataset_meta, model_img_size
-    from ..train.distributed import resolve_device
-    from ..train.evaluation import EvalSpec, evaluate_model_on, load_model_for_eval, resolve_data
-    from ._common import print_metrics
+    from vitquant.cli._common import print_metrics
+    from vitquant.errors import CheckpointError, ConfigError
+    from vitquant.train.checkpoint import write_json
+    from vitquant.train.data import dataset_meta, model_img_size
+    from vitquant.train.distributed import resolve_device
+    from vitquant.train.evaluation import (
+        EvalSpec,
+        evaluate_model_on,
+        load_model_for_eval,
+        resolve_data,
+    )
 
     if args.run_dir and not Path(args.run_dir).is_dir():
         raise ConfigError(f"run folder not found: {args.run_dir}")

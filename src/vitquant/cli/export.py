@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_config_arg
+from vitquant.cli._common import add_config_arg
 
 __all__ = ["add_parser", "run"]
 
@@ -45,8 +45,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _weight_only(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
-    from ..models import create_model
-    from ..quant import QuantConfig, calibrate, prepare
+    from vitquant.models import create_model
+    from vitquant.quant import QuantConfig, calibrate, prepare
 
     kwargs: dict[str, Any] = {}
     for key in ("num_classes", "img_size", "in_chans"):
@@ -74,15 +74,15 @@ def _dummy(model: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Builds or loads the quantized model, writes the export, prints its sizes."""
-    from ..errors import ConfigError
-    from ..export.io import save_quantized, size_report
+    from vitquant.errors import ConfigError
+    from vitquant.export.io import save_quantized, size_report
 
     if bool(args.quantized) == bool(args.model):
         raise ConfigError("give exactly one of --quantized CALIB or --model NAME")
     if not args.output:
         raise ConfigError("--output FILE is required")
     if args.quantized:
-        from ..quant import load_calibrated
+        from vitquant.quant import load_calibrated
 
         model = load_calibrated(args.quantized)
         path = save_quantized(model, args.output)

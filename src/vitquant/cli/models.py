@@ -18,8 +18,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prints one name per line; no match is an error."""
-    from ..errors import ConfigError
-    from ..models import list_models
+    from vitquant.errors import ConfigError
+    from vitquant.models import list_models
 
     pattern = args.pattern if any(c in args.pattern for c in "*?[") else f"*{args.pattern}*"
     names = list_models(pattern)

@@ -38,19 +38,19 @@ def _mib(n: float) -> str:
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    from ..errors import ConfigError
-    from ..export.io import model_size_report, size_report
+    from vitquant.errors import ConfigError
+    from vitquant.export.io import model_size_report, size_report
 
     target = args.target
     if os.path.isfile(target):
         if target.endswith(".safetensors"):
             return size_report(target)
         if target.endswith((".pth", ".pt")):
-            from ..quant import load_calibrated
+            from vitquant.quant import load_calibrated
 
             return model_size_report(load_calibrated(target))
         raise ConfigError(f"{target}: expected an export (.safetensors) or a calibrated .pth")
-    from ..models import create_model
+    from vitquant.models import create_model
 
     kwargs: dict[str, Any] = {}
     if args.num_classes is not None:
@@ -63,7 +63,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
         floats = [[n, p.numel()] for n, p in model.named_parameters()]
         return {"float32_bytes": 4 * numel, "quantized_bytes": 4 * numel, "compression": 1.0,
                 "float_tensors": floats, "bits": {}}  # fmt: skip
-    from ..quant import QuantConfig, prepare
+    from vitquant.quant import QuantConfig, prepare
 
     prepare(model, QuantConfig(preset="weight_only", wbits=args.wbits))
     for _, m in model.named_modules():

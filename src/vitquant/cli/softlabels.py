@@ -13,7 +13,7 @@ import argparse
 import json
 from typing import Any
 
-from ._common import add_config_arg, default_data_path
+from vitquant.cli._common import add_config_arg, default_data_path
 
 __all__ = ["add_parser", "run"]
 
@@ -45,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Writes the folder and prints its metadata."""
-    from ..qat.run import make_softlabels
+    from vitquant.qat.run import make_softlabels
 
     meta = make_softlabels(
         args.teacher,

@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_config_arg, default_data_path
+from vitquant.cli._common import add_config_arg, default_data_path
 
 __all__ = ["add_parser", "run", "config_from_args"]
 
 
 def add_parser(subparsers: Any) -> None:
     """Adds the ``train`` sub-command."""
-    from ..train.config import DISTILLATION_TYPES, OPTIMIZERS, TrainConfig
-    from ..train.methods import METHODS
+    from vitquant.train.config import DISTILLATION_TYPES, OPTIMIZERS, TrainConfig
+    from vitquant.train.methods import METHODS
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -122,9 +122,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """
     import dataclasses
 
-    from ..errors import ConfigError
-    from ..train.config import TrainConfig
-    from ..train.methods import METHODS, get_method
+    from vitquant.errors import ConfigError
+    from vitquant.train.config import TrainConfig
+    from vitquant.train.methods import METHODS, get_method
 
     method_cls = get_method(args.method)
     values = vars(args)
@@ -143,9 +143,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Trains, resumes or reports; prints the final metrics."""
-    from ..train import fit
-    from ..train.distributed import cleanup
-    from ._common import print_metrics
+    from vitquant.cli._common import print_metrics
+    from vitquant.train import fit
+    from vitquant.train.distributed import cleanup
 
     cfg = config_from_args(args)
     try:

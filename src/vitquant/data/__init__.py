@@ -21,16 +21,16 @@ Example:
 
 from __future__ import annotations
 
-from .base import DatasetInfo, Subset, TensorImageDataset, VisionDataset, subset
-from .cifar import RestrictedUnpickler, read_batch
-from .factory import OPTIONS, build_dataset, canonical_split, dataset_info
-from .folders import ImageFolderDataset
-from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
-from .keys import SampleKey, sample_seed
-from .loader import build_loader, set_epoch, world_info
-from .samplers import DistributedSampler, RASampler
-from .tensor_transforms import AUGMENTS, TensorTransform
-from .transforms import (
+from vitquant.data.base import DatasetInfo, Subset, TensorImageDataset, VisionDataset, subset
+from vitquant.data.cifar import RestrictedUnpickler, read_batch
+from vitquant.data.factory import OPTIONS, build_dataset, canonical_split, dataset_info
+from vitquant.data.folders import ImageFolderDataset
+from vitquant.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+from vitquant.data.keys import SampleKey, sample_seed
+from vitquant.data.loader import build_loader, set_epoch, world_info
+from vitquant.data.samplers import DistributedSampler, RASampler
+from vitquant.data.tensor_transforms import AUGMENTS, TensorTransform
+from vitquant.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INCEPTION_MEAN,
@@ -38,7 +38,7 @@ from .transforms import (
     PilEvalTransform,
     PilTrainTransform,
 )
-from .zipdata import ZipImageDataset, read_map
+from vitquant.data.zipdata import ZipImageDataset, read_map
 
 __all__ = [
     "build_dataset",

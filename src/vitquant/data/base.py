@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
-from .keys import resolve_key
+from vitquant.data.keys import resolve_key
+from vitquant.errors import ConfigError, DataError
 
 __all__ = ["DatasetInfo", "VisionDataset", "TensorImageDataset", "Subset", "subset"]
 

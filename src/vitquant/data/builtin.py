@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
-from .stats import channel_stats
+from vitquant.data.stats import channel_stats
+from vitquant.errors import DataError
 
 __all__ = ["BUILTIN_NAMES", "canonical_name", "load_digits_split", "DIGITS_VAL_EVERY"]
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
-from .stats import channel_stats
+from vitquant.data.stats import channel_stats
+from vitquant.errors import DataError
 
 __all__ = [
     "RestrictedUnpickler",

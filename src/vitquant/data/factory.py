@@ -26,15 +26,15 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
-from .base import DatasetInfo, TensorImageDataset, VisionDataset
-from .builtin import BUILTIN_NAMES, canonical_name, load_digits_split
-from .cifar import find_cifar_dir, load_cifar_split
-from .folders import ImageFolderDataset, find_classes, find_split_dir
-from .idx import FASHION_MNIST_DIR, has_idx_files, load_idx_split
-from .tensor_transforms import AUGMENTS, TensorTransform
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, PilTrainTransform, resolve_norm
-from .zipdata import ZipImageDataset, map_num_classes, read_map
+from vitquant.data.base import DatasetInfo, TensorImageDataset, VisionDataset
+from vitquant.data.builtin import BUILTIN_NAMES, canonical_name, load_digits_split
+from vitquant.data.cifar import find_cifar_dir, load_cifar_split
+from vitquant.data.folders import ImageFolderDataset, find_classes, find_split_dir
+from vitquant.data.idx import FASHION_MNIST_DIR, has_idx_files, load_idx_split
+from vitquant.data.tensor_transforms import AUGMENTS, TensorTransform
+from vitquant.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PilTrainTransform, resolve_norm
+from vitquant.data.zipdata import ZipImageDataset, map_num_classes, read_map
+from vitquant.errors import ConfigError, DataError
 
 __all__ = ["build_dataset", "dataset_info", "canonical_split", "OPTIONS"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
-from .base import DatasetInfo, Transform, VisionDataset
+from vitquant.data.base import DatasetInfo, Transform, VisionDataset
+from vitquant.errors import DataError
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -109,7 +109,7 @@ class ImageFolderDataset(VisionDataset):
         self.class_to_idx = index
         self.transform = transform
         if info is None:
-            from .transforms import IMAGENET_MEAN, IMAGENET_STD
+            from vitquant.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
             info = DatasetInfo(
                 folder.parent.name or folder.name,

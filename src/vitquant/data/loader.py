@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError
-from .samplers import DistributedSampler, RASampler, _KeySampler
+from vitquant.data.samplers import DistributedSampler, RASampler, _KeySampler
+from vitquant.errors import ConfigError
 
 __all__ = ["build_loader", "set_epoch", "world_info"]
 

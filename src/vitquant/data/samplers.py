@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from ..errors import ConfigError
-from .keys import SampleKey
+from vitquant.data.keys import SampleKey
+from vitquant.errors import ConfigError
 
 __all__ = ["DistributedSampler", "RASampler"]
 

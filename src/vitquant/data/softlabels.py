@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .._atomic import atomic_write
-from ..errors import ConfigError, DataError
+from vitquant._atomic import atomic_write
+from vitquant.errors import ConfigError, DataError
 
 __all__ = [
     "FORMAT",
@@ -467,7 +467,7 @@ class MultiCropSoftLabelDataset(Dataset):
         # samplers of vitquant.data pass a SampleKey (index, seed, epoch, repeat): the crop choice
         # then follows the key (same crops after a resume, in any worker)
         if isinstance(key, tuple):
-            from .keys import sample_seed
+            from vitquant.data.keys import sample_seed
 
             index = int(key[0])
             fields = [int(v) for v in key[1:]] + [0] * (4 - len(key))

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from .transforms import check_crop_args, coin, sample_rrc_box
+from vitquant.data.transforms import check_crop_args, coin, sample_rrc_box
+from vitquant.errors import ConfigError
 
 __all__ = ["AUGMENTS", "TensorTransform", "resize_square", "convert_channels"]
 

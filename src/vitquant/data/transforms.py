@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -18,9 +18,9 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import DataError
-from .base import DatasetInfo, Transform, VisionDataset
-from .folders import open_image
+from vitquant.data.base import DatasetInfo, Transform, VisionDataset
+from vitquant.data.folders import open_image
+from vitquant.errors import DataError
 
 __all__ = ["read_map", "map_num_classes", "ZipImageDataset"]
 
@@ -132,7 +132,7 @@ class ZipImageDataset(VisionDataset):
         self.classes = None
         self.transform = transform
         if info is None:
-            from .transforms import IMAGENET_MEAN, IMAGENET_STD
+            from vitquant.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
             info = DatasetInfo(
                 self.zip_path.parent.name, n_cls, 3, 224, IMAGENET_MEAN, IMAGENET_STD

@@ -19,19 +19,19 @@ Every quantizer has the methods of :class:`~vitquant.diffq.base.BaseQuantizer`:
 
 from __future__ import annotations
 
-from .api import (
+from vitquant.diffq.api import (
     QUANTIZERS,
     load_quantized_state,
     make_quantizer,
     restore_quantized_state,
     save_quantized_state,
 )
-from .base import BaseQuantizer, QuantizedParam
-from .diffq import DiffQuantizer
-from .experiment import command_line, diffq_config, method_values, run_diffq
-from .lsq import LSQ
-from .state import check_state
-from .uniform import UniformQuantizer
+from vitquant.diffq.base import BaseQuantizer, QuantizedParam
+from vitquant.diffq.diffq import DiffQuantizer
+from vitquant.diffq.experiment import command_line, diffq_config, method_values, run_diffq
+from vitquant.diffq.lsq import LSQ
+from vitquant.diffq.state import check_state
+from vitquant.diffq.uniform import UniformQuantizer
 
 __all__ = [
     "BaseQuantizer",

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DataError
-from ..quant.calibrators import HistogramObserver, MinMaxObserver
-from ..quant.primitives import check_bits, expand_to, fake_quant, qparams_from_minmax, qrange
+from vitquant.errors import ConfigError, DataError
+from vitquant.quant.calibrators import HistogramObserver, MinMaxObserver
+from vitquant.quant.primitives import check_bits, expand_to, fake_quant, qparams_from_minmax, qrange
 
 __all__ = ["ACT_METHODS", "ActivationQuantization", "quantize_activations"]
 

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._atomic import atomic_torch_save
-from ..errors import CheckpointError, ConfigError
-from .base import BaseQuantizer
-from .diffq import DiffQuantizer
-from .lsq import LSQ
-from .state import check_state
-from .uniform import UniformQuantizer
+from vitquant._atomic import atomic_torch_save
+from vitquant.diffq.base import BaseQuantizer
+from vitquant.diffq.diffq import DiffQuantizer
+from vitquant.diffq.lsq import LSQ
+from vitquant.diffq.state import check_state
+from vitquant.diffq.uniform import UniformQuantizer
+from vitquant.errors import CheckpointError, ConfigError
 
 __all__ = [
     "QUANTIZERS",

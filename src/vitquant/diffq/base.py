@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError
-from .state import STATE_FORMAT, STATE_VERSION, check_state, mismatch_message
+from vitquant.diffq.state import STATE_FORMAT, STATE_VERSION, check_state, mismatch_message
+from vitquant.errors import CheckpointError, ConfigError
 
 __all__ = ["BaseQuantizer", "QuantizedParam"]
 

@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write
-from ..errors import ConfigError
+from vitquant._atomic import atomic_write
+from vitquant.errors import ConfigError
 
 __all__ = ["diffq_config", "run_diffq", "method_values", "command_line"]
 
@@ -54,7 +54,7 @@ def method_values(
 
 
 def _float_run(float_run: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
-    from ..train.experiment import Experiment
+    from vitquant.train.experiment import Experiment
 
     exp = Experiment(float_run)
     cfg, result = exp.stored_config(), exp.result()
@@ -88,9 +88,9 @@ def diffq_config(
     Returns:
         ``(TrainConfig, recipe)``; ``recipe`` maps ``vitquant train`` option names to values.
     """
-    from ..cli.diffq_run import experiment_label
-    from ..train.config import RUNTIME_FIELDS, TrainConfig
-    from ..train.methods import get_method
+    from vitquant.cli.diffq_run import experiment_label
+    from vitquant.train.config import RUNTIME_FIELDS, TrainConfig
+    from vitquant.train.methods import get_method
 
     base, _ = _float_run(float_run)
     recipe = {
@@ -139,7 +139,7 @@ def _write_recipe(path: Path, recipe: dict[str, Any]) -> None:
 
 def command_line(values: dict[str, Any], output: str | os.PathLike[str]) -> str:
     """The ``vitquant diffq run`` command that resumes or reports the run of ``values``."""
-    from ..train.experiment import format_value
+    from vitquant.train.experiment import format_value
 
     flags = {"penalty": "-p", "group_size": "-g", "bits": "-b", "bits_lr": "--bits-lr"}
     parts = ["vitquant diffq run"]
@@ -190,8 +190,8 @@ def run_diffq(
         ConfigError: not a finished float run, contradictory options, or ``output`` already
             holding a recipe with other common options.
     """
-    from ..train import fit
-    from ..train.experiment import Experiment
+    from vitquant.train import fit
+    from vitquant.train.experiment import Experiment
 
     if penalty is None:
         penalty = 0.0 if bits else 10.0

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..export.bitpack import pack_signed, packed_nbytes, unpack_signed
-from ..quant.primitives import check_bits, grad_scale, qrange, quantize, round_ste
-from .base import BaseQuantizer, QuantizedParam
-from .state import read_bytes
+from vitquant.diffq.base import BaseQuantizer, QuantizedParam
+from vitquant.diffq.state import read_bytes
+from vitquant.errors import ConfigError
+from vitquant.export.bitpack import pack_signed, packed_nbytes, unpack_signed
+from vitquant.quant.primitives import check_bits, grad_scale, qrange, quantize, round_ste
 
 __all__ = ["LSQ"]
 

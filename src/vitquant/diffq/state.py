@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import CheckpointError
+from vitquant.errors import CheckpointError
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "check_state", "mismatch_message", "read_bytes"]
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..export.bitpack import pack, packed_nbytes, unpack
-from ..quant.primitives import check_bits, minmax_dequantize, minmax_levels
-from .base import BaseQuantizer, QuantizedParam
-from .state import read_bytes
+from vitquant.diffq.base import BaseQuantizer, QuantizedParam
+from vitquant.diffq.state import read_bytes
+from vitquant.export.bitpack import pack, packed_nbytes, unpack
+from vitquant.quant.primitives import check_bits, minmax_dequantize, minmax_levels
 
 __all__ = ["UniformQuantizer"]
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from ..quant.primitives import check_bits
+from vitquant.errors import ConfigError
+from vitquant.quant.primitives import check_bits
 
 __all__ = ["pack", "unpack", "pack_signed", "unpack_signed", "packed_nbytes", "MAX_PACK_BITS"]
 

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._atomic import atomic_write
-from ..errors import CheckpointError, ConfigError
-from .qtensor import pack_weight, packable, unpack_weight
+from vitquant._atomic import atomic_write
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.export.qtensor import pack_weight, packable, unpack_weight
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -58,7 +58,7 @@ _MAX_HEADER = 100 * 2**20
 # --- helpers -----------------------------------------------------------------------------------
 def _weight_quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """``{state key of a weight: (quantizer name, quantizer)}`` for every quantized weight."""
-    from ..quant.modules import QuantModule
+    from vitquant.quant.modules import QuantModule
 
     out: dict[str, tuple[str, nn.Module]] = {}
     for mname, m in model.named_modules():
@@ -75,7 +75,7 @@ def _weight_quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
 def _training_state(model: nn.Module) -> tuple[str, ...]:
     """State-key prefixes of training-only modules, left out of exports: the oscillation
     trackers of VVTQ quantizers (their frozen codes are in the packed weight codes already)."""
-    from ..qat.oscillation import OscillationTracker
+    from vitquant.qat.oscillation import OscillationTracker
 
     return tuple(
         f"{name}." for name, m in model.named_modules() if isinstance(m, OscillationTracker)
@@ -141,8 +141,8 @@ def save_quantized(
     """
     from safetensors.torch import save as st_save
 
-    from .. import __version__
-    from ..quant.api import get_config
+    from vitquant import __version__
+    from vitquant.quant.api import get_config
 
     if hasattr(model, "_vitquant_int8"):
         raise ConfigError("save_quantized needs the fake-quant model, not a lowered one")
@@ -158,7 +158,7 @@ def save_quantized(
         json.dumps(kwargs)
     except TypeError as e:
         raise ConfigError(f"model_kwargs must be plain data (JSON-serialisable): {e}") from None
-    from ..runtime.lower import uncalibrated_quantizers
+    from vitquant.runtime.lower import uncalibrated_quantizers
 
     missing = uncalibrated_quantizers(model)
     if missing:
@@ -305,10 +305,10 @@ def load_quantized(
         CheckpointError: missing, truncated or corrupt file (checksum), another format version,
             or a state that does not match the rebuilt model.
     """
-    from ..models import create_model
-    from ..quant.api import prepare
-    from ..quant.calibrated_io import load_state_checked
-    from ..quant.config import QuantConfig
+    from vitquant.models import create_model
+    from vitquant.quant.api import prepare
+    from vitquant.quant.calibrated_io import load_state_checked
+    from vitquant.quant.config import QuantConfig
 
     path = Path(path)
     header, tensors = _read(path)
@@ -359,7 +359,7 @@ def load_quantized(
     load_state_checked(model, state, source=str(path))
     model = model.to(device).eval()
     if lower:
-        from ..runtime import lower as _lower
+        from vitquant.runtime import lower as _lower
 
         _lower(model)
     return model

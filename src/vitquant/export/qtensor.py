@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
-from .bitpack import pack, packed_nbytes, unpack
+from vitquant.errors import CheckpointError
+from vitquant.export.bitpack import pack, packed_nbytes, unpack
 
 __all__ = ["packable", "quantize_weight", "pack_weight", "unpack_weight"]
 

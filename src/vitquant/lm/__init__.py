@@ -7,9 +7,9 @@ package's small LM the same way and reports perplexity and model size (see ``doc
 
 from __future__ import annotations
 
-from .data import Corpus, Vocab, lm_batches, load_corpus, read_tokens
-from .model import LMConfig, TransformerLM
-from .train import LMTrainConfig, evaluate_lm, train_lm
+from vitquant.lm.data import Corpus, Vocab, lm_batches, load_corpus, read_tokens
+from vitquant.lm.model import LMConfig, TransformerLM
+from vitquant.lm.train import LMTrainConfig, evaluate_lm, train_lm
 
 __all__ = [
     "Corpus",

@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import VitquantError
-from ..train.methods.diffq import DiffQMethodConfig
-from .train import LMTrainConfig, train_lm
+from vitquant.errors import VitquantError
+from vitquant.lm.train import LMTrainConfig, train_lm
+from vitquant.train.methods.diffq import DiffQMethodConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:

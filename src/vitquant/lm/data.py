@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from vitquant.errors import DataError
 
 __all__ = ["EOS", "UNK", "Vocab", "Corpus", "read_tokens", "load_corpus", "lm_batches"]
 

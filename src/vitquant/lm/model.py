@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["LMConfig", "TransformerLM"]
 

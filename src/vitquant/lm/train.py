@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._atomic import atomic_write
-from ..diffq import BaseQuantizer, DiffQuantizer, save_quantized_state
-from ..errors import ConfigError
-from ..train.methods.diffq import DiffQMethodConfig, build_quantizer, size_report
-from .data import Corpus, lm_batches, load_corpus
-from .model import LMConfig, TransformerLM
+from vitquant._atomic import atomic_write
+from vitquant.diffq import BaseQuantizer, DiffQuantizer, save_quantized_state
+from vitquant.errors import ConfigError
+from vitquant.lm.data import Corpus, lm_batches, load_corpus
+from vitquant.lm.model import LMConfig, TransformerLM
+from vitquant.train.methods.diffq import DiffQMethodConfig, build_quantizer, size_report
 
 __all__ = ["LMTrainConfig", "train_lm", "evaluate_lm"]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import zoo as _zoo  # noqa: F401  (registers the entrypoints)
-from ._factory import MODELS, create_model, list_models, register_model
-from .layers import Add, MatMul, Mlp, PatchEmbed
-from .vit import Attention, Block, VisionTransformer
+from vitquant.models import zoo as _zoo  # noqa: F401  (registers the entrypoints)
+from vitquant.models._factory import MODELS, create_model, list_models, register_model
+from vitquant.models.layers import Add, MatMul, Mlp, PatchEmbed
+from vitquant.models.vit import Attention, Block, VisionTransformer
 
 __all__ = [
     "MODELS",

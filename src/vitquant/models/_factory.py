@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..registry import Registry
+from vitquant.registry import Registry
 
 __all__ = ["MODELS", "register_model", "create_model", "list_models"]
 
@@ -78,7 +78,11 @@ def create_model(
     read: tuple[dict[str, Tensor], str] | None = None
     path: str | Path = ""
     if pretrained or checkpoint_path:
-        from .checkpoints import head_num_classes, read_checkpoint, resolve_pretrained
+        from vitquant.models.checkpoints import (
+            head_num_classes,
+            read_checkpoint,
+            resolve_pretrained,
+        )
 
         path = checkpoint_path or resolve_pretrained(name)
         read = read_checkpoint(path)
@@ -92,7 +96,7 @@ def create_model(
     if getattr(model, "default_cfg", None) is not None:
         model.default_cfg = {**model.default_cfg, "architecture": name}
     if read is not None:
-        from .checkpoints import load_checkpoint
+        from vitquant.models.checkpoints import load_checkpoint
 
         load_checkpoint(model, path, reset_head=reset_head, read=read)
     return model

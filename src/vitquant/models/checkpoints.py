@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._atomic import atomic_write
-from ..errors import CheckpointError, ConfigError
-from .npz import find_google_prefix, google_to_state_dict
+from vitquant._atomic import atomic_write
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.models.npz import find_google_prefix, google_to_state_dict
 
 __all__ = [
     "vitquant_home",

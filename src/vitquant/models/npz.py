@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from vitquant.errors import CheckpointError
 
 __all__ = ["GOOGLE_PREFIXES", "find_google_prefix", "google_to_state_dict"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import Add, DropPath, LayerScale, MatMul, Mlp, PatchEmbed
+from vitquant.models.layers import Add, DropPath, LayerScale, MatMul, Mlp, PatchEmbed
 
 __all__ = ["Attention", "Block", "VisionTransformer"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._factory import MODELS, register_model
-from .vit import VisionTransformer
+from vitquant.models._factory import MODELS, register_model
+from vitquant.models.vit import VisionTransformer
 
 __all__: list[str] = []
 

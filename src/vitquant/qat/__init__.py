@@ -12,13 +12,13 @@ The training methods themselves are ``vitquant/train/methods/{lsq,qvit,vvtq,ft_q
 
 from __future__ import annotations
 
-from . import models as _models  # noqa: F401  (registers the Q-ViT / VVTQ names)
-from .capture import QKCapture
-from .irm import InformationRectification
-from .oscillation import OscillationTracker
-from .quantize import QATScheme, build_qat_model, init_qat
-from .run import make_softlabels, run_qat
-from .split_attention import SplitAttention, split_qkv
+from vitquant.qat import models as _models  # noqa: F401  (registers the Q-ViT / VVTQ names)
+from vitquant.qat.capture import QKCapture
+from vitquant.qat.irm import InformationRectification
+from vitquant.qat.oscillation import OscillationTracker
+from vitquant.qat.quantize import QATScheme, build_qat_model, init_qat
+from vitquant.qat.run import make_softlabels, run_qat
+from vitquant.qat.split_attention import SplitAttention, split_qkv
 
 __all__ = [
     "OscillationTracker",

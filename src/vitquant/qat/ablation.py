@@ -81,7 +81,7 @@ def _flag(k: str, v: Any) -> str:
 
 def row_command(method: str, opts: dict[str, Any], finetune: str, train: dict[str, Any]) -> str:
     """The ``vitquant train`` command equivalent to a row."""
-    from .run import FT_QAT_DEFAULTS, QAT_DEFAULTS
+    from vitquant.qat.run import FT_QAT_DEFAULTS, QAT_DEFAULTS
 
     base = FT_QAT_DEFAULTS if method == "ft-qat" else QAT_DEFAULTS
     train = dict(train)
@@ -98,8 +98,8 @@ def row_command(method: str, opts: dict[str, Any], finetune: str, train: dict[st
 def run_row(name: str, bits: int, finetune: str, **train: Any) -> dict[str, Any]:
     """Runs one row at ``bits`` (weights and activations, unless the row pins its own) and
     returns its record."""
-    from ..train.experiment import Experiment
-    from .run import run_qat
+    from vitquant.qat.run import run_qat
+    from vitquant.train.experiment import Experiment
 
     method, row_opts = ROWS[name]
     opts: dict[str, Any] = {"wbits": bits, "abits": bits}
@@ -138,12 +138,12 @@ def heldout_top1(experiment: str, n: int = 5000, seed: int = 1234) -> float:
     """
     import torch
 
-    from .. import data as D
-    from ..errors import ConfigError
-    from ..train.data import eval_loader, model_img_size
-    from ..train.engine import evaluate
-    from ..train.evaluation import EvalSpec, load_model_for_eval
-    from ..train.experiment import Experiment
+    from vitquant import data as D
+    from vitquant.errors import ConfigError
+    from vitquant.train.data import eval_loader, model_img_size
+    from vitquant.train.engine import evaluate
+    from vitquant.train.evaluation import EvalSpec, load_model_for_eval
+    from vitquant.train.experiment import Experiment
 
     cfg = Experiment(experiment).stored_config()
     if cfg is None or not cfg.train_subset:
@@ -175,12 +175,12 @@ def float_and_ptq(
     points of the ``ft-qat`` rows."""
     import torch
 
-    from .. import data as D
-    from ..models import create_model
-    from ..quant import QuantConfig, calibrate, prepare
-    from ..train.build import load_finetune
-    from ..train.data import eval_loader, model_img_size
-    from ..train.engine import evaluate
+    from vitquant import data as D
+    from vitquant.models import create_model
+    from vitquant.quant import QuantConfig, calibrate, prepare
+    from vitquant.train.build import load_finetune
+    from vitquant.train.data import eval_loader, model_img_size
+    from vitquant.train.engine import evaluate
 
     info = D.dataset_info(data_path)
     net = create_model(model, num_classes=info.num_classes, in_chans=info.in_chans)
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(extra), flush=True)
     if a.json:
-        from ..train.checkpoint import write_json
+        from vitquant.train.checkpoint import write_json
 
         write_json(a.json, {"rows": records, **extra})
     return 0

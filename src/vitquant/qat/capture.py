@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["QKCapture", "attention_modules", "prefix_tokens", "dgd_tokens", "NAMED_PREFIX_TOKENS"]
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["IRM_STATS", "check_irm_stats", "InformationRectification", "fold_irm"]
 
@@ -196,7 +196,7 @@ def _affine(irm: InformationRectification, where: str) -> tuple[Tensor, Tensor]:
 
 def _check_grid(lin: nn.Module, a: Tensor, where: str) -> None:
     """Raises unless scaling rows of ``lin``'s weight by ``a`` keeps its quantized weight exact."""
-    from ..quant.quantizers.base import gran_kind
+    from vitquant.quant.quantizers.base import gran_kind
 
     oq = getattr(lin, "output_quantizer", None)
     if oq is not None and (oq.active or oq.calibrating):

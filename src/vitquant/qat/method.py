@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..quant.primitives import check_bits
-from ..train.methods.base import MethodConfig, MethodContext, TrainMethod
-from .irm import InformationRectification
-from .quantize import INIT_METHODS, QATScheme, build_qat_model, init_qat
+from vitquant.errors import ConfigError
+from vitquant.qat.irm import InformationRectification
+from vitquant.qat.quantize import INIT_METHODS, QATScheme, build_qat_model, init_qat
+from vitquant.quant.primitives import check_bits
+from vitquant.train.methods.base import MethodConfig, MethodContext, TrainMethod
 
 __all__ = ["QATMethodConfig", "QATMethod", "model_bits_hint"]
 
@@ -126,8 +126,8 @@ class QATMethod(TrainMethod):
     def param_groups(
         self, model: nn.Module, base_lr: float, weight_decay: float
     ) -> list[dict[str, Any]]:
-        from ..quant.quantizers import Quantizer
-        from ..train.optim import param_groups_weight_decay
+        from vitquant.quant.quantizers import Quantizer
+        from vitquant.train.optim import param_groups_weight_decay
 
         quant_ids: set[int] = set()
         quant_params: list[torch.Tensor] = []

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import MODELS, create_model
-from .split_attention import split_qkv
+from vitquant.models import MODELS, create_model
+from vitquant.qat.split_attention import split_qkv
 
 __all__ = ["QVIT_BITS", "base_architecture", "has_split_attention", "load_fused_checkpoint"]
 
@@ -92,7 +92,7 @@ for _small in ("vit_micro_patch7_28", "vit_nano_patch4_28"):
 
 def has_split_attention(model: nn.Module) -> bool:
     """True when ``model`` has VVTQ's separate q/k/v projections."""
-    from .split_attention import SplitAttention
+    from vitquant.qat.split_attention import SplitAttention
 
     return any(isinstance(m, SplitAttention) for m in model.modules())
 
@@ -109,9 +109,9 @@ def load_fused_checkpoint(model: nn.Module, path: str | Path) -> None:
         CheckpointError: unreadable file or a checkpoint of another architecture (one line,
             naming the first missing / unexpected / mismatched key).
     """
-    from ..errors import CheckpointError
-    from ..models.checkpoints import checkpoint_filter_fn, load_state_dict
-    from .split_attention import split_fused_state_dict
+    from vitquant.errors import CheckpointError
+    from vitquant.models.checkpoints import checkpoint_filter_fn, load_state_dict
+    from vitquant.qat.split_attention import split_fused_state_dict
 
     sd = checkpoint_filter_fn(split_fused_state_dict(load_state_dict(path)), model)
     own = model.state_dict()

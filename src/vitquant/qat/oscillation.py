@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["OscillationTracker"]
 

@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..quant import QuantConfig, calibrate, named_quantizers, prepare
-from ..quant.primitives import check_bits
-from ..quant.quantizers import lsq as _lsq  # noqa: F401  (registers "lsq", "lsq+")
-from ..quant.quantizers import qvit as _qvit  # noqa: F401  (registers "qvit")
-from ..quant.quantizers import vvtq as _vvtq  # noqa: F401  (registers "vvtq")
-from .irm import IRM_STATS, InformationRectification
-from .split_attention import split_qkv
+from vitquant.errors import ConfigError
+from vitquant.qat.irm import IRM_STATS, InformationRectification
+from vitquant.qat.split_attention import split_qkv
+from vitquant.quant import QuantConfig, calibrate, named_quantizers, prepare
+from vitquant.quant.primitives import check_bits
+from vitquant.quant.quantizers import lsq as _lsq  # noqa: F401  (registers "lsq", "lsq+")
+from vitquant.quant.quantizers import qvit as _qvit  # noqa: F401  (registers "qvit")
+from vitquant.quant.quantizers import vvtq as _vvtq  # noqa: F401  (registers "vvtq")
 
 __all__ = ["QATScheme", "qat_config", "build_qat_model", "init_qat", "irm_modules"]
 
@@ -180,7 +180,7 @@ def init_qat(
         raise ConfigError(f"init must be one of {', '.join(INIT_METHODS)}, not {method!r}")
     irms = irm_modules(model)
     if irms:
-        from ..quant import batch_input, quantization_disabled
+        from vitquant.quant import batch_input, quantization_disabled
 
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         was = model.training
@@ -216,7 +216,7 @@ def _lsq_statistics_init(
     model: nn.Module, data: Iterable[Any], num_batches: int, device: str | torch.device | None
 ) -> None:
     """Re-initialises symmetric LSQ activation steps with ``2·mean|x|/sqrt(Q_P)``."""
-    from ..quant import batch_input, quantization_disabled
+    from vitquant.quant import batch_input, quantization_disabled
 
     qs = [q for _, q in named_quantizers(model) if q.role != "weight" and q.symmetric]
     dev = torch.device(device) if device is not None else next(model.parameters()).device

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["run_qat", "make_softlabels", "QAT_DEFAULTS", "FT_QAT_DEFAULTS"]
 
@@ -79,8 +79,8 @@ def run_qat(
     Example:
         >>> run_qat("lsq", "runs/demo/float", method_args={"wbits": 4, "abits": 4}, epochs=1)
     """
-    from ..train.config import TrainConfig
-    from ..train.trainer import fit
+    from vitquant.train.config import TrainConfig
+    from vitquant.train.trainer import fit
 
     defaults = FT_QAT_DEFAULTS if method == "ft-qat" else QAT_DEFAULTS
     cfg = TrainConfig(
@@ -135,11 +135,11 @@ def make_softlabels(
     Returns:
         The folder's metadata.
     """
-    from .. import data as D
-    from ..data.softlabels import generate_softlabels
-    from ..train.build import build_teacher
-    from ..train.config import TrainConfig
-    from ..train.data import model_img_size
+    from vitquant import data as D
+    from vitquant.data.softlabels import generate_softlabels
+    from vitquant.train.build import build_teacher
+    from vitquant.train.config import TrainConfig
+    from vitquant.train.data import model_img_size
 
     if not teacher:
         raise ConfigError("soft labels need a --teacher")
@@ -186,7 +186,7 @@ def make_softlabels(
         "seed": seed,
         "teacher": str(teacher),
     }
-    from ..data.softlabels import write_meta
+    from vitquant.data.softlabels import write_meta
 
     write_meta(folder, {**meta, "source": extra})
     return {**meta, "source": extra}

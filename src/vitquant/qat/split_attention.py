@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models.layers import MatMul
+from vitquant.models.layers import MatMul
 
 __all__ = ["SplitAttention", "split_qkv", "split_fused_state_dict"]
 

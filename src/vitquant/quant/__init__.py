@@ -13,7 +13,7 @@ ViT-specific PTQ of RepQ-ViT (log-sqrt2 softmax, LayerNorm reparameterisation).
 
 from __future__ import annotations
 
-from .api import (
+from vitquant.quant.api import (
     batch_input,
     calibrate,
     enable_quantization,
@@ -22,10 +22,10 @@ from .api import (
     prepare,
     quantization_disabled,
 )
-from .calibrated_io import load_calibrated, save_calibrated
-from .calibrators import compute_amax
-from .config import QuantConfig
-from .modules import (
+from vitquant.quant.calibrated_io import load_calibrated, save_calibrated
+from vitquant.quant.calibrators import compute_amax
+from vitquant.quant.config import QuantConfig
+from vitquant.quant.modules import (
     QuantAdd,
     QuantAttention,
     QuantBlock,
@@ -37,8 +37,8 @@ from .modules import (
     QuantSoftmax,
     QuantTransformerEncoderLayer,
 )
-from .presets import POINT_KINDS, PRESETS
-from .quantizers import (
+from vitquant.quant.presets import POINT_KINDS, PRESETS
+from vitquant.quant.quantizers import (
     QUANTIZERS,
     Log2Quantizer,
     Log2Sqrt2Quantizer,
@@ -46,7 +46,7 @@ from .quantizers import (
     Quantizer,
     UniformQuantizer,
 )
-from .summary import format_summary, quant_summary
+from vitquant.quant.summary import format_summary, quant_summary
 
 __all__ = [
     "QuantConfig",

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DataError
-from ..models.layers import Add, MatMul
-from .calibrators import CALIBRATION_METHODS
-from .config import QuantConfig
-from .granularity import PerChannel, PerGroup, PerTensor
-from .modules import (
+from vitquant.errors import ConfigError, DataError
+from vitquant.models.layers import Add, MatMul
+from vitquant.quant.calibrators import CALIBRATION_METHODS
+from vitquant.quant.config import QuantConfig
+from vitquant.quant.granularity import PerChannel, PerGroup, PerTensor
+from vitquant.quant.modules import (
     QuantAdd,
     QuantAttention,
     QuantBlock,
@@ -36,8 +36,8 @@ from .modules import (
     QuantSoftmax,
     QuantTransformerEncoderLayer,
 )
-from .quantizers import QUANTIZERS, Quantizer
-from .reparam import apply_reparam, prepare_reparam
+from vitquant.quant.quantizers import QUANTIZERS, Quantizer
+from vitquant.quant.reparam import apply_reparam, prepare_reparam
 
 __all__ = [
     "prepare",

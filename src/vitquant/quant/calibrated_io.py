@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._atomic import atomic_torch_save
-from ..errors import CheckpointError, ConfigError
-from .api import get_config, prepare
-from .config import QuantConfig
+from vitquant._atomic import atomic_torch_save
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.quant.api import get_config, prepare
+from vitquant.quant.config import QuantConfig
 
 __all__ = ["save_calibrated", "load_calibrated", "load_state_checked", "CALIBRATED_FORMAT"]
 
@@ -108,7 +108,7 @@ def load_calibrated(path: str | os.PathLike[str], device: str | torch.device = "
         CheckpointError: unreadable file, not a calibrated-model file, or a state that does not
             match the rebuilt model (names the keys/shapes).
     """
-    from ..models import create_model
+    from vitquant.models import create_model
 
     path = Path(path)
     if not path.is_file():

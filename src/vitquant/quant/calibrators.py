@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .collectors import (
+from vitquant.errors import ConfigError
+from vitquant.quant.collectors import (
     CalibrationError,
     Calibrator,
     NonFiniteError,
@@ -48,11 +48,11 @@ from .collectors import (
     _no_data,
     _pow2_at_least,
 )
-from .granularity import PerChannel
-from .primitives import check_bits, qrange, quantize
+from vitquant.quant.granularity import PerChannel
+from vitquant.quant.primitives import check_bits, qrange, quantize
 
 if TYPE_CHECKING:
-    from .observers import HistogramObserver, MinMaxObserver
+    from vitquant.quant.observers import HistogramObserver, MinMaxObserver
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -377,7 +377,7 @@ def compute_amax(
 def __getattr__(name: str) -> object:
     # the observers build on this module; importing them lazily keeps the import acyclic
     if name in ("MinMaxObserver", "HistogramObserver"):
-        from . import observers
+        from vitquant.quant import observers
 
         return getattr(observers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

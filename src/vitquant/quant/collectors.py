@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError, VitquantError
+from vitquant.errors import CheckpointError, ConfigError, VitquantError
 
 __all__ = [
     "CalibrationError",

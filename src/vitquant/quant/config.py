@@ -12,11 +12,11 @@ import fnmatch
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..errors import ConfigError
-from . import primitives as P
-from .calibrators import CALIBRATION_METHODS
-from .presets import POINT_KINDS, PRESETS, resolve_preset
-from .quantizers import QUANTIZERS
+from vitquant.errors import ConfigError
+from vitquant.quant import primitives as P
+from vitquant.quant.calibrators import CALIBRATION_METHODS
+from vitquant.quant.presets import POINT_KINDS, PRESETS, resolve_preset
+from vitquant.quant.quantizers import QUANTIZERS
 
 __all__ = ["QuantConfig", "CONFIG_VERSION", "OVERRIDE_KEYS"]
 

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ..errors import ConfigError
-from .primitives import expand_to
+from vitquant.errors import ConfigError
+from vitquant.quant.primitives import expand_to
 
 __all__ = [
     "Granularity",

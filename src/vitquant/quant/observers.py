@@ -22,9 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .calibrators import _WORK, _check_read
-from .collectors import (
+from vitquant.errors import ConfigError
+from vitquant.quant.calibrators import _WORK, _check_read
+from vitquant.quant.collectors import (
     PowerOfTwoHistogram,
     RunningExtremes,
     _finite,
@@ -32,7 +32,7 @@ from .collectors import (
     _no_data,
     _pow2_at_least,
 )
-from .primitives import qparams_from_minmax, qrange, quantize
+from vitquant.quant.primitives import qparams_from_minmax, qrange, quantize
 
 __all__ = ["MinMaxObserver", "HistogramObserver"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["POINT_KINDS", "Preset", "PRESETS", "PRESET_ALIASES", "resolve_preset"]
 

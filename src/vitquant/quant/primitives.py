@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = [
     "MIN_BITS",

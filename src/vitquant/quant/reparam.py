@@ -26,10 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .granularity import PerChannel, PerTensor
-from .modules import QuantLinear, QuantMultiheadAttention, QuantTransformerEncoderLayer
-from .quantizers import Quantizer
-from .quantizers.base import gran_kind
+from vitquant.quant.granularity import PerChannel, PerTensor
+from vitquant.quant.modules import (
+    QuantLinear,
+    QuantMultiheadAttention,
+    QuantTransformerEncoderLayer,
+)
+from vitquant.quant.quantizers import Quantizer
+from vitquant.quant.quantizers.base import gran_kind
 
 __all__ = ["ReparamPair", "find_pairs", "prepare_reparam", "apply_reparam"]
 

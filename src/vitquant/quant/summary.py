@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from .quantizers import Quantizer
-from .quantizers.base import gran_str, quantizer_name
+from vitquant.quant.quantizers import Quantizer
+from vitquant.quant.quantizers.base import gran_str, quantizer_name
 
 __all__ = ["quant_summary", "format_summary"]
 

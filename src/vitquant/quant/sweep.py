@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .api import calibrate, prepare
-from .config import QuantConfig
+from vitquant.quant.api import calibrate, prepare
+from vitquant.quant.config import QuantConfig
 
 __all__ = ["run_ptq", "ptq_sweep", "ptq_grid", "config_label"]
 

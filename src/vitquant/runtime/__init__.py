@@ -13,8 +13,8 @@ See ``docs/int8.md`` for the kernels, the fused blocks and measured speeds.
 
 from __future__ import annotations
 
-from .fused import Int8Attention, Int8Block, Int8Mlp
-from .kernels import (
+from vitquant.runtime.fused import Int8Attention, Int8Block, Int8Mlp
+from vitquant.runtime.kernels import (
     BACKENDS,
     ActQ,
     PackedWeight,
@@ -25,9 +25,9 @@ from .kernels import (
     onednn_available,
     quantize_act,
 )
-from .lower import is_lowered, lower, lowering_report, uncalibrated_quantizers
-from .modules import Int8Linear, Int8MatMul
-from .speed import measure_speedup, weight_bytes
+from vitquant.runtime.lower import is_lowered, lower, lowering_report, uncalibrated_quantizers
+from vitquant.runtime.modules import Int8Linear, Int8MatMul
+from vitquant.runtime.speed import measure_speedup, weight_bytes
 
 __all__ = [
     "lower",

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import ActQ, int8_bmm, quantize_act
-from .modules import Int8Linear, Int8MatMul, _is_active
+from vitquant.runtime.kernels import ActQ, int8_bmm, quantize_act
+from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active
 
 __all__ = ["Int8Attention", "Int8Mlp", "Int8Block", "LayerNormQuant", "block_unsupported"]
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .fused import Int8Block
-from .kernels import check_backend
-from .modules import Int8Linear, Int8MatMul
+from vitquant.errors import ConfigError
+from vitquant.runtime.fused import Int8Block
+from vitquant.runtime.kernels import check_backend
+from vitquant.runtime.modules import Int8Linear, Int8MatMul
 
 __all__ = ["lower", "lowering_report", "uncalibrated_quantizers", "is_lowered"]
 
@@ -34,7 +34,7 @@ _REPORT_ATTR = "_vitquant_int8"
 
 
 def _quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ..quant.quantizers import Quantizer
+    from vitquant.quant.quantizers import Quantizer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
 
@@ -75,7 +75,7 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _has_quantizer(m: nn.Module) -> bool:
-    from ..quant.quantizers import Quantizer
+    from vitquant.quant.quantizers import Quantizer
 
     return any(isinstance(c, Quantizer) for c in m.children())
 
@@ -128,7 +128,7 @@ def lower(
                 if new is not None:
                     _set(model, name, new)
                     report["blocks"].append(name)
-        from ..quant.modules import QuantMatMul
+        from vitquant.quant.modules import QuantMatMul
 
         for name, m in list(model.named_modules()):
             if not name or isinstance(m, (Int8Block, Int8Linear, Int8MatMul)):

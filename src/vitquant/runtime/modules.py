@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kernels import ActQ, PackedWeight, int8_bmm, int8_linear, quantize_act
+from vitquant.runtime.kernels import ActQ, PackedWeight, int8_bmm, int8_linear, quantize_act
 
 __all__ = [
     "act_from_quantizer",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels import PackedWeight
+from vitquant.runtime.kernels import PackedWeight
 
 __all__ = ["measure_speedup", "time_alternating", "weight_bytes"]
 

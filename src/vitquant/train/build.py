@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import CheckpointError, ConfigError
-from .checkpoint import load_checkpoint
-from .config import TrainConfig
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.train.checkpoint import load_checkpoint
+from vitquant.train.config import TrainConfig
 
 if TYPE_CHECKING:
-    from .data import TrainData
-    from .methods import TrainMethod
+    from vitquant.train.data import TrainData
+    from vitquant.train.methods import TrainMethod
 
 __all__ = [
     "build_student",
@@ -43,7 +43,7 @@ __all__ = [
 
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """The float model of ``cfg``, initialised from ``cfg.seed``."""
-    from ..models import create_model
+    from vitquant.models import create_model
 
     torch.manual_seed(cfg.seed)
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
@@ -109,10 +109,10 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
         CheckpointError: a run checkpoint of another base architecture, or weights that do not
             fit (one line naming both architectures).
     """
-    from ..models.checkpoints import head_num_classes, load_state_dict, read_checkpoint
-    from ..models.checkpoints import load_checkpoint as load_weights
-    from ..qat.models import base_architecture, has_split_attention
-    from ..qat.split_attention import split_fused_state_dict
+    from vitquant.models.checkpoints import head_num_classes, load_state_dict, read_checkpoint
+    from vitquant.models.checkpoints import load_checkpoint as load_weights
+    from vitquant.qat.models import base_architecture, has_split_attention
+    from vitquant.qat.split_attention import split_fused_state_dict
 
     ckpt = resolve_run_checkpoint(path)
     mine = base_architecture(model_name)
@@ -150,7 +150,7 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
 
 def _say_new_head(path: str, theirs: int | None, mine: int | None) -> None:
     """Prints the fine-tuning decision to train a new head (another class count, or none)."""
-    from .distributed import is_main
+    from vitquant.train.distributed import is_main
 
     if mine and theirs != mine and is_main():
         what = f"a head of {theirs} classes" if theirs else "no classifier head"
@@ -173,9 +173,9 @@ def build_teacher(
     """
     if not cfg.teacher:
         return None
-    from ..models import MODELS, create_model
-    from ..models.checkpoints import load_checkpoint as load_weights
-    from ..models.checkpoints import load_state_dict
+    from vitquant.models import MODELS, create_model
+    from vitquant.models.checkpoints import load_checkpoint as load_weights
+    from vitquant.models.checkpoints import load_state_dict
 
     spec = cfg.teacher
     p = Path(spec)
@@ -222,7 +222,7 @@ class _PlainTrainSplit(Dataset):
     @property
     def dataset(self) -> Dataset:
         if self._ds is None:
-            from .. import data as vdata
+            from vitquant import data as vdata
 
             ds = vdata.build_dataset(
                 self.data_path, self.split, img_size=self.img_size, train_transform=False
@@ -251,8 +251,8 @@ def method_train_data(
         DataError: a soft-label folder that does not match the data (images, classes, split,
             subset, seed or crop size).
     """
-    from ..data.softlabels import FORMAT as SOFTLABEL_FORMAT
-    from ..data.softlabels import check_source
+    from vitquant.data.softlabels import FORMAT as SOFTLABEL_FORMAT
+    from vitquant.data.softlabels import check_source
 
     hook = getattr(method, "build_train_set", None)
     if hook is None:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_write
-from ..errors import CheckpointError
+from vitquant._atomic import atomic_write
+from vitquant.errors import CheckpointError
 
 __all__ = [
     "atomic_write_bytes",

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["TrainConfig", "RUNTIME_FIELDS", "OPTIMIZERS", "DISTILLATION_TYPES"]
 
@@ -181,7 +181,7 @@ class TrainConfig:
 
     def _resolve_dgd_alias(self) -> None:
         """``distillation_type="dgd"``: the method's ``dgd`` option on, DeiT distillation off."""
-        from .methods import get_method
+        from vitquant.train.methods import get_method
 
         cls = get_method(self.method)
         if "dgd" not in cls.option_names():
@@ -203,7 +203,7 @@ class TrainConfig:
         Method options are compared one by one (``method_args.wbits=4 (folder) vs 3 (now)``), an
         option left out being equal to the method's default.
         """
-        from .experiment import format_value
+        from vitquant.train.experiment import format_value
 
         old, new = self.semantic_dict(), other.semantic_dict()
         old_m, new_m = old.pop("method_args", {}) or {}, new.pop("method_args", {}) or {}
@@ -246,13 +246,13 @@ class TrainConfig:
 
 
 def _method_names() -> list[str]:
-    from .methods import METHODS
+    from vitquant.train.methods import METHODS
 
     return list(METHODS.names())
 
 
 def _method_defaults(name: str) -> dict[str, Any]:
-    from .methods import get_method
+    from vitquant.train.methods import get_method
 
     try:
         return get_method(name).Config().to_dict()

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import ConfigError, DataError
-from .config import TrainConfig
+from vitquant.errors import ConfigError, DataError
+from vitquant.train.config import TrainConfig
 
 __all__ = [
     "TrainData",
@@ -51,7 +51,7 @@ class TrainData:
 
 def _data_api() -> Any:
     try:
-        from .. import data
+        from vitquant import data
     except ImportError as e:  # pragma: no cover - only while the data package is incomplete
         raise ConfigError(f"the data package is unavailable: {e}") from e
     return data

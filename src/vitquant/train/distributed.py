@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = [
     "DistInfo",

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import VitquantError
-from .distributed import all_reduce_sum
-from .progress import Progress
+from vitquant.errors import VitquantError
+from vitquant.train.distributed import all_reduce_sum
+from vitquant.train.progress import Progress
 
 __all__ = ["EpochMeter", "autocast", "train_one_epoch", "evaluate", "accuracy_counts"]
 

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from .build import resolve_run_checkpoint
-from .checkpoint import load_checkpoint
-from .config import TrainConfig
-from .data import _data_api, eval_loader
-from .distributed import DistInfo, resolve_device
-from .engine import evaluate
-from .experiment import Experiment
-from .methods import MethodContext, build_method
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.train.build import resolve_run_checkpoint
+from vitquant.train.checkpoint import load_checkpoint
+from vitquant.train.config import TrainConfig
+from vitquant.train.data import _data_api, eval_loader
+from vitquant.train.distributed import DistInfo, resolve_device
+from vitquant.train.engine import evaluate
+from vitquant.train.experiment import Experiment
+from vitquant.train.methods import MethodContext, build_method
 
 __all__ = ["EvalSpec", "load_model_for_eval", "evaluate_model_on", "structure_batches"]
 
@@ -69,9 +69,9 @@ def load_model_for_eval(
         ConfigError: no model name, or a folder that is not a run.
         CheckpointError: unreadable checkpoint, or one of another architecture/class count.
     """
-    from ..models import create_model
-    from ..models.checkpoints import load_checkpoint as load_weights
-    from ..models.checkpoints import load_state_dict
+    from vitquant.models import create_model
+    from vitquant.models.checkpoints import load_checkpoint as load_weights
+    from vitquant.models.checkpoints import load_state_dict
 
     if spec.run_dir:
         exp = Experiment(spec.run_dir)
@@ -142,7 +142,7 @@ def structure_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` of the run's training images (its seed, no augmentation) in batches of ``batch``:
     what a quantization-aware method needs to build its quantizers before a checkpoint loads."""
-    from .data import model_img_size
+    from vitquant.train.data import model_img_size
 
     data = _data_api()
     full = data.build_dataset(

@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
-from .checkpoint import atomic_write_text, write_json
-from .config import RUNTIME_FIELDS, TrainConfig
+from vitquant.errors import ConfigError
+from vitquant.train.checkpoint import atomic_write_text, write_json
+from vitquant.train.config import RUNTIME_FIELDS, TrainConfig
 
 __all__ = ["dataset_slug", "experiment_name", "experiment_dir", "Experiment", "format_value"]
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["smoothed_cross_entropy", "soft_distillation", "DistillationLoss"]
 

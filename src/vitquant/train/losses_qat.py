@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = [
     "similarity_matrix",

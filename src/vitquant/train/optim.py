@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from vitquant.errors import ConfigError
 
 __all__ = ["Lamb", "build_optimizer", "param_groups_weight_decay"]
 

@@ -31,12 +31,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError
-from . import distributed as D
-from .build import build_student, build_teacher, load_finetune, method_train_data
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .config import TrainConfig
-from .data import (
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.train import distributed as D
+from vitquant.train.build import build_student, build_teacher, load_finetune, method_train_data
+from vitquant.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from vitquant.train.config import TrainConfig
+from vitquant.train.data import (
     TrainData,
     build_epoch_loader,
     build_train_data,
@@ -44,13 +49,13 @@ from .data import (
     eval_loader,
     model_img_size,
 )
-from .engine import EpochMeter, evaluate, train_one_epoch
-from .experiment import Experiment, experiment_dir
-from .losses import DistillationLoss
-from .methods import MethodContext, StepState, TrainMethod, build_method
-from .optim import build_optimizer
-from .progress import Progress, format_duration
-from .schedule import CosineSchedule
+from vitquant.train.engine import EpochMeter, evaluate, train_one_epoch
+from vitquant.train.experiment import Experiment, experiment_dir
+from vitquant.train.losses import DistillationLoss
+from vitquant.train.methods import MethodContext, StepState, TrainMethod, build_method
+from vitquant.train.optim import build_optimizer
+from vitquant.train.progress import Progress, format_duration
+from vitquant.train.schedule import CosineSchedule
 
 __all__ = ["fit", "CHECKPOINT_FORMAT", "seed_everything"]
 
@@ -111,7 +116,7 @@ def fit(
         CheckpointError: a corrupt or unfitting ``last.pt``, or a started run without one.
         DataError: missing or empty data.
     """
-    from ..models import MODELS
+    from vitquant.models import MODELS
 
     MODELS.get(cfg.model)  # unknown names fail here, before any folder is made
     info = D.init_distributed(cfg.device)

@@ -11,16 +11,16 @@ The quantizer slots follow the FasterTransformer ViT example (see ``docs/ptq.md`
 
 from __future__ import annotations
 
-from .attention import (
+from vitquant.quant.modules.attention import (
     QuantAttention,
     QuantBlock,
     QuantMultiheadAttention,
     QuantTransformerEncoderLayer,
     additive_mask,
 )
-from .base import QuantModule, apply_q
-from .linear import QuantConv2d, QuantLinear
-from .ops import QuantAdd, QuantLayerNorm, QuantMatMul, QuantSoftmax
+from vitquant.quant.modules.base import QuantModule, apply_q
+from vitquant.quant.modules.linear import QuantConv2d, QuantLinear
+from vitquant.quant.modules.ops import QuantAdd, QuantLayerNorm, QuantMatMul, QuantSoftmax
 
 __all__ = [
     "QuantModule",

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...models.layers import Add
-from .base import QuantModule, apply_q
-from .linear import QuantLinear, linear_aftergemm
-from .ops import QuantAdd, QuantMatMul, QuantSoftmax
+from vitquant.models.layers import Add
+from vitquant.quant.modules.base import QuantModule, apply_q
+from vitquant.quant.modules.linear import QuantLinear, linear_aftergemm
+from vitquant.quant.modules.ops import QuantAdd, QuantMatMul, QuantSoftmax
 
 __all__ = [
     "QuantAttention",

@@ -14,7 +14,7 @@ from typing import ClassVar, TypeVar
 
 from torch import Tensor, nn
 
-from ..quantizers import Quantizer
+from vitquant.quant.quantizers import Quantizer
 
 __all__ = ["QuantModule", "apply_q"]
 

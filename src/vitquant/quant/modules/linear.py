@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quantizers import Quantizer
-from .base import QuantModule, apply_q
+from vitquant.quant.modules.base import QuantModule, apply_q
+from vitquant.quant.quantizers import Quantizer
 
 __all__ = ["QuantLinear", "QuantConv2d", "linear_aftergemm"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import QuantModule, apply_q
+from vitquant.quant.modules.base import QuantModule, apply_q
 
 __all__ = ["QuantMatMul", "QuantAdd", "QuantSoftmax", "QuantLayerNorm"]
 

@@ -29,7 +29,7 @@ anything from ``vitquant.qat`` or ``vitquant.train`` is imported inside the meth
 
 from __future__ import annotations
 
-from .base import (
+from vitquant.quant.quantizers.base import (
     QUANTIZERS,
     QParams,
     Quantizer,
@@ -38,11 +38,11 @@ from .base import (
     gran_to_dict,
     quantizer_name,
 )
-from .log2 import Log2Quantizer, Log2Sqrt2Quantizer
-from .lsq import LSQPlusQuantizer, LSQQuantizer
-from .qvit import QViTQuantizer
-from .uniform import UniformQuantizer
-from .vvtq import VVTQQuantizer
+from vitquant.quant.quantizers.log2 import Log2Quantizer, Log2Sqrt2Quantizer
+from vitquant.quant.quantizers.lsq import LSQPlusQuantizer, LSQQuantizer
+from vitquant.quant.quantizers.qvit import QViTQuantizer
+from vitquant.quant.quantizers.uniform import UniformQuantizer
+from vitquant.quant.quantizers.vvtq import VVTQQuantizer
 
 __all__ = [
     "QUANTIZERS",

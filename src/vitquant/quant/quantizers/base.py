@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from ...registry import Registry
-from .. import primitives as P
-from ..calibrators import NonFiniteError, make_calibrator
-from ..granularity import PerTensor, granularity_from_dict
+from vitquant.errors import ConfigError
+from vitquant.quant import primitives as P
+from vitquant.quant.calibrators import NonFiniteError, make_calibrator
+from vitquant.quant.granularity import PerTensor, granularity_from_dict
+from vitquant.registry import Registry
 
 __all__ = [
     "QParams",

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import primitives as P
-from .base import QUANTIZERS, Quantizer
+from vitquant.quant import primitives as P
+from vitquant.quant.quantizers.base import QUANTIZERS, Quantizer
 
 __all__ = ["Log2Quantizer", "Log2Sqrt2Quantizer"]
 

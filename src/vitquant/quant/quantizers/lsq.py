@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import primitives as P
-from .base import QUANTIZERS, Quantizer, _rows, _unrows, gran_kind
+from vitquant.quant import primitives as P
+from vitquant.quant.quantizers.base import QUANTIZERS, Quantizer, _rows, _unrows, gran_kind
 
 __all__ = ["LSQQuantizer", "LSQPlusQuantizer"]
 

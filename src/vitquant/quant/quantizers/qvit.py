@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import QUANTIZERS
-from .lsq import LSQQuantizer
+from vitquant.quant.quantizers.base import QUANTIZERS
+from vitquant.quant.quantizers.lsq import LSQQuantizer
 
 __all__ = ["QViTQuantizer"]
 

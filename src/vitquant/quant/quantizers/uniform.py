@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import QUANTIZERS, Quantizer
+from vitquant.quant.quantizers.base import QUANTIZERS, Quantizer
 
 __all__ = ["UniformQuantizer"]
 

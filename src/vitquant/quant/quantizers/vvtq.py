@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import QUANTIZERS
-from .lsq import LSQQuantizer
+from vitquant.quant.quantizers.base import QUANTIZERS
+from vitquant.quant.quantizers.lsq import LSQQuantizer
 
 __all__ = ["VVTQQuantizer"]
 
@@ -55,7 +55,7 @@ class VVTQQuantizer(LSQQuantizer):
         **kw: Any,
     ) -> None:
         super().__init__(bits, **kw)
-        from ...qat.oscillation import OscillationTracker
+        from vitquant.qat.oscillation import OscillationTracker
 
         self.track = bool(track)
         self.oscillation = OscillationTracker(osc_momentum, osc_threshold, freeze)
@@ -84,7 +84,7 @@ class VVTQQuantizer(LSQQuantizer):
         """``reg_weight ·`` bin regulariser of the last quantized weight (None when off)."""
         if self.reg_weight <= 0 or self._last_input is None or not self.is_calibrated:
             return None
-        from ...train.losses_qat import bin_regularizer
+        from vitquant.train.losses_qat import bin_regularizer
 
         w = self._last_input
         s = self.expanded(self.scale, w)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ...errors import ConfigError
-from ...registry import Registry
-from .base import MethodConfig, MethodContext, StepState, TrainMethod
+from vitquant.errors import ConfigError
+from vitquant.registry import Registry
+from vitquant.train.methods.base import MethodConfig, MethodContext, StepState, TrainMethod
 
 __all__ = [
     "METHODS",

@@ -32,12 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ...errors import ConfigError
+from vitquant.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from ..distributed import DistInfo
-    from ..losses import DistillationLoss
+    from vitquant.train.config import TrainConfig
+    from vitquant.train.distributed import DistInfo
+    from vitquant.train.losses import DistillationLoss
 
 __all__ = ["MethodConfig", "MethodContext", "StepState", "TrainMethod"]
 
@@ -227,7 +227,7 @@ class TrainMethod:
 
         Default: timm/DeiT groups (no decay for 1-d parameters and ``no_weight_decay()``).
         """
-        from ..optim import param_groups_weight_decay
+        from vitquant.train.optim import param_groups_weight_decay
 
         return param_groups_weight_decay(model, weight_decay)
 

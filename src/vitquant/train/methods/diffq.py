@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...diffq import LSQ, BaseQuantizer, DiffQuantizer, UniformQuantizer
-from ...errors import ConfigError
-from . import METHODS
-from .base import MethodConfig, MethodContext, TrainMethod
+from vitquant.diffq import LSQ, BaseQuantizer, DiffQuantizer, UniformQuantizer
+from vitquant.errors import ConfigError
+from vitquant.train.methods import METHODS
+from vitquant.train.methods.base import MethodConfig, MethodContext, TrainMethod
 
 __all__ = ["DiffQMethod", "DiffQMethodConfig", "quantizer_of"]
 

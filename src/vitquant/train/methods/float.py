@@ -6,8 +6,8 @@ soft/hard distillation from ``--teacher``, AdamW/SGD/LAMB with warm-up + cosine.
 
 from __future__ import annotations
 
-from . import METHODS
-from .base import MethodConfig, TrainMethod
+from vitquant.train.methods import METHODS
+from vitquant.train.methods.base import MethodConfig, TrainMethod
 
 __all__ = ["FloatMethod"]
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...errors import CheckpointError, ConfigError
-from ...quant import QuantConfig, calibrate, named_quantizers, prepare
-from ...quant.primitives import check_bits
-from ..losses_qat import kl_distillation
-from . import METHODS
-from .base import MethodConfig, MethodContext, StepState, TrainMethod
+from vitquant.errors import CheckpointError, ConfigError
+from vitquant.quant import QuantConfig, calibrate, named_quantizers, prepare
+from vitquant.quant.primitives import check_bits
+from vitquant.train.losses_qat import kl_distillation
+from vitquant.train.methods import METHODS
+from vitquant.train.methods.base import MethodConfig, MethodContext, StepState, TrainMethod
 
 __all__ = ["FTQATConfig", "FTQATMethod"]
 
@@ -84,7 +84,7 @@ class FTQATMethod(TrainMethod):
             for p in self._teacher.parameters():
                 p.requires_grad_(False)
         if c.calibrated:
-            from ...quant import load_calibrated
+            from vitquant.quant import load_calibrated
 
             student = load_calibrated(c.calibrated)
             float_keys = set(model.state_dict())

@@ -9,8 +9,8 @@ step sizes initialised by an MSE fit on a few training batches. Distillation fro
 
 from __future__ import annotations
 
-from ...qat.method import QATMethod, QATMethodConfig
-from . import METHODS
+from vitquant.qat.method import QATMethod, QATMethodConfig
+from vitquant.train.methods import METHODS
 
 __all__ = ["LSQMethod"]
 

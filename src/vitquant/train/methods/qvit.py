@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from ...qat.capture import NAMED_PREFIX_TOKENS, QKCapture, dgd_tokens
-from ...qat.irm import IRM_STATS, check_irm_stats
-from ...qat.method import QATMethod, QATMethodConfig
-from ...qat.quantize import QATScheme
-from ..losses_qat import dgd_loss
-from . import METHODS
-from .base import MethodContext, StepState
+from vitquant.errors import ConfigError
+from vitquant.qat.capture import NAMED_PREFIX_TOKENS, QKCapture, dgd_tokens
+from vitquant.qat.irm import IRM_STATS, check_irm_stats
+from vitquant.qat.method import QATMethod, QATMethodConfig
+from vitquant.qat.quantize import QATScheme
+from vitquant.train.losses_qat import dgd_loss
+from vitquant.train.methods import METHODS
+from vitquant.train.methods.base import MethodContext, StepState
 
 __all__ = ["QViTConfig", "QViTMethod", "align_dgd_tokens"]
 

@@ -25,13 +25,13 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ...errors import ConfigError
-from ...qat.method import QATMethod, QATMethodConfig
-from ...qat.quantize import QATScheme
-from ...quant.quantizers.vvtq import VVTQQuantizer
-from ..losses_qat import CosineRampSchedule, soft_cross_entropy
-from . import METHODS
-from .base import MethodContext, StepState
+from vitquant.errors import ConfigError
+from vitquant.qat.method import QATMethod, QATMethodConfig
+from vitquant.qat.quantize import QATScheme
+from vitquant.quant.quantizers.vvtq import VVTQQuantizer
+from vitquant.train.losses_qat import CosineRampSchedule, soft_cross_entropy
+from vitquant.train.methods import METHODS
+from vitquant.train.methods.base import MethodContext, StepState
 
 __all__ = ["VVTQConfig", "VVTQMethod", "oscillation_stats"]
 
@@ -146,7 +146,7 @@ class VVTQMethod(QATMethod):
         c: VVTQConfig = self.config  # type: ignore[assignment]
         if not c.softlabel_path:
             return None
-        from ...data.softlabels import MultiCropSoftLabelDataset
+        from vitquant.data.softlabels import MultiCropSoftLabelDataset
 
         return MultiCropSoftLabelDataset(
             base, c.softlabel_path, c.num_crops, num_classes, c.softlabel_type, seed
