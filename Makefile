@@ -59,6 +59,7 @@ test: setup data
 lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf runs/demo .pytest_cache

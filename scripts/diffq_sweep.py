@@ -8,7 +8,7 @@ Usage (the demo's float model)::
         --float "runs/demo/float/exp_augment=none,clip_grad=1,epochs=14,eval_split=test,..." \
         --penalties 1 3 10 30 --group-size 16 --epochs 2 --out runs/diffq_sweep
 
-Each row is one :func:`vitquant.diffq.run_diffq` run under ``--out``, the folder that
+Each row is one :func:`vitquant.methods.diffq.run_diffq` run under ``--out``, the folder that
 ``vitquant diffq run -p P -g G --bits-lr L --output OUT -- --config OUT/recipe.yaml`` names:
 rerunning the script resumes an interrupted run and skips finished ones. The script writes
 ``sweep.json`` (after every row), ``sweep.md`` (table + commands) and ``diffq_sweep.png``
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vitquant.diffq import run_diffq
+from vitquant.demo.diffq_experiment import run_diffq
 from vitquant.train.experiment import Experiment
 
 

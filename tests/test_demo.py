@@ -13,8 +13,8 @@ import pytest
 
 import vitquant.cli as cli
 from vitquant.demo import DEMO_STEPS, DemoConfig, DemoReport, DemoRow, format_table, run_demo_report
-from vitquant.demo_ablation import ABLATION_ROWS
-from vitquant.demo_report import markdown_table, plot_accuracy_vs_size, write_report
+from vitquant.demo.ablation import ABLATION_ROWS
+from vitquant.demo.report import markdown_table, plot_accuracy_vs_size, write_report
 from vitquant.errors import ConfigError
 
 EXPECTED_ROWS = [
@@ -218,7 +218,7 @@ def test_plot_is_skipped_without_matplotlib(
 
 
 def test_large_model_speedup_times_both_models() -> None:
-    from vitquant.demo_export import large_model_speedup
+    from vitquant.demo.export import large_model_speedup
 
     speed = large_model_speedup("vit_nano_patch4_28", batch=2, repeats=2)
     assert speed["float_ms"] > 0 and speed["int8_ms"] > 0 and speed["speedup"] > 0

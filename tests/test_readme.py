@@ -14,7 +14,7 @@ import torch
 
 import vitquant.cli as cli
 from vitquant.cli._common import apply_config_file
-from vitquant.recipes import list_recipes
+from vitquant.train.recipes import list_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -3,7 +3,8 @@
 Each recipe runs for one optimizer step through the real command line (``vitquant.cli.main``),
 with the ImageNet-scale parts overridden by flags: the tiny ``vit_nano_patch4_28`` on the
 built-in ``digits`` data, checkpoints that the test writes. The library loader
-(:func:`vitquant.recipes.train_config_from_recipe`) is compared with the CLI's own parsing of the
+(:func:`vitquant.train.recipes.train_config_from_recipe`) is compared with the CLI's own parsing of
+the
 same recipe, which converts values through argparse instead of type hints.
 """
 
@@ -22,7 +23,7 @@ import vitquant.cli as cli
 from vitquant.cli._common import apply_config_file
 from vitquant.cli.train import config_from_args
 from vitquant.errors import ConfigError
-from vitquant.recipes import (
+from vitquant.train.recipes import (
     RECIPES_DIR,
     find_recipe,
     list_recipes,

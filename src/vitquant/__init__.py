@@ -8,7 +8,8 @@ export and real int8 inference, behind one quantizer interface.
 
 from __future__ import annotations
 
-from vitquant import qat as _qat  # noqa: F401  (registers the Q-ViT / VVTQ model names)
+from vitquant import methods as _methods  # noqa: F401  (registers every method's names)
+from vitquant._version import __version__
 from vitquant.errors import CheckpointError, ConfigError, DataError, VitquantError
 from vitquant.export.io import load_quantized, save_quantized
 from vitquant.models import create_model, list_models, register_model
@@ -25,8 +26,6 @@ from vitquant.quant import (
     save_calibrated,
 )
 from vitquant.runtime import lower, lowering_report, measure_speedup
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

@@ -14,7 +14,7 @@ import pytest
 
 import vitquant.cli as cli
 from vitquant.errors import DataError
-from vitquant.train.methods import METHODS, MethodConfig, TrainMethod
+from vitquant.methods import METHODS, MethodConfig, TrainMethod
 
 ROOT = Path(__file__).resolve().parents[2]
 

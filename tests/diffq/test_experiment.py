@@ -1,4 +1,4 @@
-"""``vitquant.diffq.run_diffq`` and ``scripts/diffq_sweep.py`` on a tiny float run (digits).
+"""``vitquant.methods.diffq.run_diffq`` and ``scripts/diffq_sweep.py`` on a tiny float run (digits).
 
 The folder a run lands in must be the one ``vitquant diffq run`` names, so the printed command
 resumes or reports it; sizes are checked against a re-derivation from the checkpoint.
@@ -17,7 +17,7 @@ import torch
 
 import vitquant
 from vitquant.cli import main
-from vitquant.diffq import method_values, run_diffq
+from vitquant.demo.diffq_experiment import method_values, run_diffq
 from vitquant.errors import ConfigError
 from vitquant.train.config import TrainConfig
 from vitquant.train.experiment import Experiment

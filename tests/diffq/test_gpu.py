@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vitquant.diffq import LSQ, DiffQuantizer, restore_quantized_state
-from vitquant.export.bitpack import pack, unpack
+from vitquant.methods.diffq import LSQ, DiffQuantizer, restore_quantized_state
+from vitquant.quant.bitpack import pack, unpack
 
 pytestmark = pytest.mark.gpu
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from vitquant.cli import main
-from vitquant.diffq import (
+from vitquant.errors import ConfigError
+from vitquant.methods import build_method
+from vitquant.methods.diffq import (
     LSQ,
     DiffQuantizer,
     UniformQuantizer,
     load_quantized_state,
     restore_quantized_state,
 )
-from vitquant.errors import ConfigError
-from vitquant.train.methods import build_method
-from vitquant.train.methods.diffq import DiffQMethodConfig, build_quantizer
+from vitquant.methods.diffq.method import DiffQMethodConfig, build_quantizer
 
 RUN = [
     "--model", "vit_nano_patch4_28", "--data-path", "digits", "--epochs", "1", "--",

@@ -1,4 +1,5 @@
-"""Behaviour of vitquant.diffq's quantizers: train/eval forward, sizes, optimizer set-up, errors."""
+"""Behaviour of vitquant.methods.diffq's quantizers: train/eval forward, sizes, optimizer set-up,
+errors."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from vitquant.diffq import LSQ, DiffQuantizer, UniformQuantizer, restore_quantized_state
 from vitquant.errors import CheckpointError, ConfigError
+from vitquant.methods.diffq import LSQ, DiffQuantizer, UniformQuantizer, restore_quantized_state
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""vitquant.diffq against the original ``diffq`` package (PyPI ``diffq-fixed`` 0.2.4).
+"""vitquant.methods.diffq against the original ``diffq`` package (PyPI ``diffq-fixed`` 0.2.4).
 
 Both quantizers are attached to identical copies of the same seeded model, with the same learnt
 parameters (bit logits, LSQ steps); the sizes, the quantized weights used in ``eval()`` and the
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import vitquant.diffq as vq
+import vitquant.methods.diffq as vq
 
 diffq = pytest.importorskip("diffq")
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import vitquant
-from vitquant.diffq import LSQ, DiffQuantizer, UniformQuantizer, save_quantized_state
+from vitquant.methods.diffq import LSQ, DiffQuantizer, UniformQuantizer, save_quantized_state
 
 MODEL = "vit_micro_patch4_28"
 
 CHILD = textwrap.dedent(
     """
     import sys, torch, vitquant
-    from vitquant.diffq import restore_quantized_state
+    from vitquant.methods.diffq import restore_quantized_state
     for path in sys.argv[2:]:
         state = torch.load(path, weights_only=True)
         model = vitquant.create_model(sys.argv[1])

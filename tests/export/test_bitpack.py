@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vitquant.errors import ConfigError
-from vitquant.export.bitpack import pack, pack_signed, packed_nbytes, unpack, unpack_signed
+from vitquant.quant.bitpack import pack, pack_signed, packed_nbytes, unpack, unpack_signed
 
 
 def _numpy_pack(values: np.ndarray, bits: int) -> np.ndarray:

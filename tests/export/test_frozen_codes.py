@@ -18,12 +18,13 @@ from torch import nn
 
 import vitquant
 from helpers import randomize_affine
-from vitquant.export.bitpack import unpack
 from vitquant.export.io import load_quantized, model_size_report, save_quantized, size_report
-from vitquant.qat.quantize import QATScheme, build_qat_model, init_qat
+from vitquant.methods.qat.quantize import QATScheme, build_qat_model, init_qat
+from vitquant.methods.vvtq.quantizer import VVTQQuantizer
 from vitquant.quant import QuantLinear
+from vitquant.quant.bitpack import unpack
 from vitquant.quant.granularity import PerChannel
-from vitquant.quant.quantizers import VVTQQuantizer, build_quantizer
+from vitquant.quant.quantizers import build_quantizer
 from vitquant.runtime import Int8Linear, lower
 
 

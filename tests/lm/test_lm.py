@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitquant.diffq import load_quantized_state, restore_quantized_state
 from vitquant.errors import DataError
 from vitquant.lm import (
     LMConfig,
@@ -21,7 +20,8 @@ from vitquant.lm import (
     read_tokens,
 )
 from vitquant.lm.__main__ import main
-from vitquant.train.methods.diffq import DiffQMethodConfig
+from vitquant.methods.diffq import load_quantized_state, restore_quantized_state
+from vitquant.methods.diffq.method import DiffQMethodConfig
 
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the <unk> robot"]
 VERBS = ["eats", "sees", "likes", "paints", "finds"]

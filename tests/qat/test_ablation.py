@@ -1,4 +1,4 @@
-"""The QAT ablation's rows (``vitquant.qat.ablation``) on a tiny float ViT and digits."""
+"""The QAT ablation's rows (``vitquant.demo.qat_ablation``) on a tiny float ViT and digits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitquant.qat.ablation import ROWS, run_row
+from vitquant.demo.qat_ablation import ROWS, run_row
 from vitquant.train import TrainConfig, fit
 
 TINY = dict(
@@ -57,7 +57,7 @@ def test_heldout_top1_uses_images_outside_the_training_subset(
     float_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vitquant import data as D
-    from vitquant.qat import ablation
+    from vitquant.demo import qat_ablation as ablation
 
     rec = run_row("lsq", 4, float_run, output=str(tmp_path), **TINY)
     seen: list[list[int]] = []
@@ -99,7 +99,7 @@ def test_ft_qat_row_pins_the_seeds_bits_and_ft_qat_bits_follows_the_table(
 
 
 def test_float_and_ptq_calibrates_each_bit_width_from_the_float_model(float_run: str) -> None:
-    from vitquant.qat.ablation import float_and_ptq
+    from vitquant.demo.qat_ablation import float_and_ptq
 
     both = float_and_ptq(float_run, "vit_nano_patch4_28", "digits", "cpu", 64, bits=(4, 8))
     alone = float_and_ptq(float_run, "vit_nano_patch4_28", "digits", "cpu", 64, bits=(8,))

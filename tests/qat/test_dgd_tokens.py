@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from vitquant.errors import ConfigError
+from vitquant.methods.base import StepState
+from vitquant.methods.qvit.capture import QKCapture
+from vitquant.methods.qvit.method import QViTConfig, QViTMethod
 from vitquant.models import create_model
-from vitquant.qat.capture import QKCapture
 from vitquant.train.losses import DistillationLoss
-from vitquant.train.methods.base import StepState
-from vitquant.train.methods.qvit import QViTConfig, QViTMethod
 
 
 def _record_qk(model: nn.Module) -> tuple[list[Any], list[tuple[np.ndarray, np.ndarray]]]:
@@ -80,7 +80,7 @@ def _models() -> tuple[nn.Module, nn.Module]:
 
 
 def test_prefix_tokens_of_plain_and_distilled_models() -> None:
-    from vitquant.qat.capture import prefix_tokens
+    from vitquant.methods.qvit.capture import prefix_tokens
 
     plain, dist = _models()
     assert prefix_tokens(plain) == ("cls",)

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from vitquant.errors import ConfigError
+from vitquant.methods.qat.quantize import QATScheme, build_qat_model, init_qat
+from vitquant.methods.qvit.irm import IRM_STATS, InformationRectification, fold_irm, irm_modules
+from vitquant.methods.qvit.method import QViTConfig
 from vitquant.models import create_model
-from vitquant.qat.irm import IRM_STATS, InformationRectification, fold_irm
-from vitquant.qat.quantize import QATScheme, build_qat_model, init_qat, irm_modules
-from vitquant.train.methods.qvit import QViTConfig
 
 
 def _skewed(b: int = 4, h: int = 2, n: int = 50, d: int = 8, seed: int = 0) -> torch.Tensor:

@@ -160,7 +160,7 @@ def test_dgd_average_terms_divides_by_layers_heads_and_qk() -> None:
 
 
 def _dgd_of_models(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.Tensor:
-    from vitquant.qat.capture import QKCapture
+    from vitquant.methods.qvit.capture import QKCapture
 
     s_cap, t_cap = QKCapture(student), QKCapture(teacher, detach=True)
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -176,8 +176,8 @@ def _dgd_of_models(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.
 def test_dgd_gradient_reaches_the_students_qk_projection() -> None:
     import copy
 
+    from vitquant.methods.qat.quantize import QATScheme, build_qat_model, init_qat
     from vitquant.models import create_model
-    from vitquant.qat.quantize import QATScheme, build_qat_model, init_qat
 
     torch.manual_seed(0)
     teacher = create_model("vit_nano_patch4_28").eval()

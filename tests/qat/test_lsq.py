@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vitquant.methods.lsq.quantizer import LSQPlusQuantizer, LSQQuantizer
 from vitquant.quant.granularity import PerChannel, PerHead, PerTensor
 from vitquant.quant.primitives import lsq_grad_factor, mse_search_rows
-from vitquant.quant.quantizers.lsq import LSQPlusQuantizer, LSQQuantizer
 
 
 def _grads(q: LSQQuantizer, x: torch.Tensor, w: torch.Tensor):

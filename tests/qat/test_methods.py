@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vitquant.errors import CheckpointError, ConfigError, DataError
-from vitquant.qat.run import make_softlabels, run_qat
 from vitquant.train.config import TrainConfig
+from vitquant.train.qat_run import make_softlabels, run_qat
 from vitquant.train.trainer import fit
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -53,7 +53,7 @@ def _log(exp: str) -> list[dict]:
 def test_lsq_runs_and_learns_steps(
     float_ckpt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vitquant.qat.method import QATMethod
+    from vitquant.methods.qat.method import QATMethod
     from vitquant.quant import named_quantizers
 
     initial: dict[str, torch.Tensor] = {}
@@ -189,14 +189,14 @@ def test_bad_input(float_ckpt: str, tmp_path: Path) -> None:
 
 _SCRIPT = """
 import sys, torch
-from vitquant.qat.run import run_qat
+from vitquant.train.qat_run import run_qat
 stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
 kw = dict(data_path="digits", train_subset=128, eval_subset=64, batch_size=32, epochs=2,
           save_every_steps=1, method_args={"wbits": 3, "abits": 3, "reg": True}, quiet=True)
-from vitquant.train.methods import build_method
+from vitquant.methods import build_method
 from vitquant.train.config import TrainConfig
 from vitquant.train.trainer import fit
-from vitquant.qat.run import QAT_DEFAULTS
+from vitquant.train.qat_run import QAT_DEFAULTS
 cfg = TrainConfig(**{**QAT_DEFAULTS, **{k: v for k, v in kw.items() if k != "quiet"},
                      "model": "vit_nano_patch4_28", "method": "vvtq", "finetune": sys.argv[1],
                      "output": sys.argv[2], "name": "run"})

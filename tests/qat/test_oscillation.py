@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitquant.errors import ConfigError
-from vitquant.qat.oscillation import OscillationTracker
+from vitquant.methods.vvtq.oscillation import OscillationTracker
 
 
 def _reference_ema(seq: list[float], m: float) -> float:

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from vitquant.qat.oscillation import OscillationTracker
-from vitquant.quant.quantizers.vvtq import VVTQQuantizer
-from vitquant.train.methods.vvtq import oscillation_stats
+from vitquant.methods.vvtq.method import oscillation_stats
+from vitquant.methods.vvtq.oscillation import OscillationTracker
+from vitquant.methods.vvtq.quantizer import VVTQQuantizer
 
 
 def _np_reversals(seq: np.ndarray) -> tuple[int, bool]:

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import vitquant.qat  # noqa: F401  (registers the QAT model names)
+import vitquant.methods.qat  # noqa: F401  (registers the QAT model names)
 from vitquant import data as D
 from vitquant.cli import main
-from vitquant.data.softlabels import generate_softlabels, record_path
+from vitquant.methods.vvtq.softlabels import generate_softlabels, record_path
 from vitquant.models import create_model
 from vitquant.train import TrainConfig, fit
 from vitquant.train.build import load_finetune
@@ -87,10 +87,10 @@ def test_softlabel_folder_trains_from_cli(float_run: str, softlabels: str, tmp_p
 
 
 def test_trainer_builds_the_method_train_set(softlabels: str) -> None:
-    from vitquant.data.softlabels import MultiCropSoftLabelDataset
+    from vitquant.methods import build_method
+    from vitquant.methods.vvtq.softlabels import MultiCropSoftLabelDataset
     from vitquant.train.build import method_train_data
     from vitquant.train.data import build_train_data
-    from vitquant.train.methods import build_method
 
     cfg = TrainConfig(data_path="digits", train_subset=32, method="vvtq")
     meth = build_method("vvtq", {"softlabel_path": softlabels, "num_crops": 2})
@@ -236,8 +236,8 @@ def test_deit_distillation_for_every_method(float_run: str, method: str, tmp_pat
 @pytest.mark.parametrize("method", ["lsq", "qvit", "ft-qat"])
 def test_method_loss_uses_alpha_and_tau(method: str) -> None:
     """The methods' loss with soft distillation equals DeiT's formula computed here."""
+    from vitquant.methods import StepState, build_method
     from vitquant.train.losses import DistillationLoss
-    from vitquant.train.methods import StepState, build_method
 
     torch.manual_seed(0)
     teacher = torch.nn.Linear(6, 4)
@@ -271,7 +271,7 @@ def test_dgd_alias(float_run: str, tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_irm_stats_flag(float_run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vitquant.qat.irm import InformationRectification
+    from vitquant.methods.qvit.irm import InformationRectification
     from vitquant.train.evaluation import EvalSpec, load_model_for_eval
 
     args = ["--model", "vit_nano_patch4_28", "--finetune", float_run, "--method", "qvit"]

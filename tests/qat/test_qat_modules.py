@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from vitquant.errors import ConfigError
+from vitquant.methods.lsq.quantizer import LSQQuantizer
+from vitquant.methods.qat.quantize import QATScheme, build_qat_model, init_qat
+from vitquant.methods.qvit.capture import QKCapture
+from vitquant.methods.qvit.irm import InformationRectification
+from vitquant.methods.qvit.quantizer import QViTQuantizer
+from vitquant.methods.vvtq.split_attention import SplitAttention, split_fused_state_dict, split_qkv
 from vitquant.models import create_model
-from vitquant.qat.capture import QKCapture
-from vitquant.qat.irm import InformationRectification
-from vitquant.qat.quantize import QATScheme, build_qat_model, init_qat
-from vitquant.qat.split_attention import SplitAttention, split_fused_state_dict, split_qkv
 from vitquant.quant import named_quantizers
-from vitquant.quant.quantizers.lsq import LSQQuantizer
-from vitquant.quant.quantizers.qvit import QViTQuantizer
 
 
 def _batches(n: int = 2, b: int = 6) -> list:
@@ -142,10 +142,10 @@ def test_scheme_rejects_bad_bits() -> None:
 
 
 def test_registered_model_names(tmp_path) -> None:
-    import vitquant.qat  # noqa: F401  (registers the names)
+    import vitquant.methods.qat  # noqa: F401  (registers the names)
+    from vitquant.methods.qat.method import model_bits_hint
+    from vitquant.methods.vvtq.models import load_fused_checkpoint
     from vitquant.models import list_models
-    from vitquant.qat.method import model_bits_hint
-    from vitquant.qat.models import load_fused_checkpoint
 
     names = list_models("*bits_deit_*_patch16_224")
     assert len(names) == 9

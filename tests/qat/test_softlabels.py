@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from helpers import import_timm
-from vitquant.data.softlabels import (
+from vitquant.errors import DataError
+from vitquant.methods.vvtq.softlabels import (
     MultiCropSoftLabelDataset,
     coords_to_box,
     expand_topk,
@@ -22,7 +23,6 @@ from vitquant.data.softlabels import (
     resized_crop,
     sample_crop,
 )
-from vitquant.errors import DataError
 
 
 class _Teacher(nn.Module):

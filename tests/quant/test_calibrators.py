@@ -19,14 +19,13 @@ from vitquant.quant.calibrators import (
     CALIBRATION_METHODS,
     CalibrationError,
     HistogramCalibrator,
-    HistogramObserver,
     MaxCalibrator,
-    MinMaxObserver,
     NonFiniteError,
     amax_from_histogram,
     compute_amax,
     make_calibrator,
 )
+from vitquant.quant.observers import HistogramObserver, MinMaxObserver
 
 # ----------------------------------------------------------------------------------------------
 # numpy references
@@ -496,9 +495,8 @@ def test_all_reduce_is_noop_without_process_group():
 
 _DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from vitquant.quant.calibrators import (
-    HistogramCalibrator, HistogramObserver, MaxCalibrator, MinMaxObserver,
-)
+from vitquant.quant.calibrators import HistogramCalibrator, MaxCalibrator
+from vitquant.quant.observers import HistogramObserver, MinMaxObserver
 rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
 g = torch.Generator().manual_seed(0)

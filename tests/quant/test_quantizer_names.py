@@ -10,18 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from vitquant.methods.lsq.quantizer import LSQPlusQuantizer, LSQQuantizer
+from vitquant.methods.qvit.quantizer import QViTQuantizer
+from vitquant.methods.repq.log2 import Log2Quantizer, Log2Sqrt2Quantizer
+from vitquant.methods.vvtq.quantizer import VVTQQuantizer
 from vitquant.quant import QuantConfig, format_summary, prepare, quant_summary
-from vitquant.quant.quantizers import (
-    QUANTIZERS,
-    Log2Quantizer,
-    Log2Sqrt2Quantizer,
-    LSQPlusQuantizer,
-    LSQQuantizer,
-    QViTQuantizer,
-    UniformQuantizer,
-    VVTQQuantizer,
-    quantizer_name,
-)
+from vitquant.quant.quantizers import QUANTIZERS, UniformQuantizer, quantizer_name
 
 # the table of the package docstring, written out independently of the registry
 BUILTIN = {

@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from vitquant.errors import ConfigError, VitquantError
+from vitquant.methods.repq.log2 import Log2Quantizer, Log2Sqrt2Quantizer
 from vitquant.quant import primitives as P
 from vitquant.quant.granularity import PerChannel, PerGroup, PerHead, PerTensor
-from vitquant.quant.quantizers import (
-    QUANTIZERS,
-    Log2Quantizer,
-    Log2Sqrt2Quantizer,
-    Quantizer,
-    UniformQuantizer,
-)
+from vitquant.quant.quantizers import QUANTIZERS, Quantizer, UniformQuantizer
 
 
 def _from_qparams(x: torch.Tensor, q: Quantizer) -> torch.Tensor:

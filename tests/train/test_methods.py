@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitquant.methods import METHODS, MethodConfig, MethodContext, StepState, TrainMethod
 from vitquant.train import TrainConfig, fit
 from vitquant.train.checkpoint import load_checkpoint
-from vitquant.train.methods import METHODS, MethodConfig, MethodContext, StepState, TrainMethod
 
 
 @dataclass

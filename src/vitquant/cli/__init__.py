@@ -45,7 +45,7 @@ def discover_commands() -> dict[str, ModuleType | BaseException]:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and ``{verb: sub-parser}``."""
-    from vitquant import __version__
+    from vitquant._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="vitquant",

@@ -84,7 +84,7 @@ def apply_config_file(
     path = getattr(args, "config", None)
     if not path:
         return args
-    from vitquant.recipes import find_recipe, load_recipe
+    from vitquant.train.recipes import find_recipe, load_recipe
 
     recipe = find_recipe(path)
     data = load_recipe(recipe, getattr(args, "command", None))

@@ -102,9 +102,9 @@ def _loaders(args: argparse.Namespace, source: str, extra: dict[str, Any], in_ch
 def run(args: argparse.Namespace) -> int:
     """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
     from vitquant.errors import CheckpointError, ConfigError
+    from vitquant.methods.ptq.sweep import config_label, run_ptq
     from vitquant.models import create_model
     from vitquant.quant import QuantConfig, format_summary, quant_summary, save_calibrated
-    from vitquant.quant.sweep import config_label, run_ptq
     from vitquant.train.checkpoint import write_json
     from vitquant.train.data import dataset_meta
     from vitquant.train.distributed import resolve_device

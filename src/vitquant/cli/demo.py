@@ -1,6 +1,6 @@
 """``vitquant demo``: the end-to-end demo on Fashion-MNIST (``make demo``), as a results table.
 
-The work is in :mod:`vitquant.demo` (steps) and :mod:`vitquant.demo_report` (files); this module
+The work is in :mod:`vitquant.demo` (steps) and :mod:`vitquant.demo.report` (files); this module
 only parses flags, prints the table and writes ``results.json``, ``results.md`` and
 ``accuracy_vs_size.png``.
 """
@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs the demo, prints the table and writes the result files."""
     from vitquant.demo import DemoConfig, format_table, run_demo_report
-    from vitquant.demo_report import write_report
+    from vitquant.demo.report import write_report
 
     cfg = DemoConfig(
         data_path=args.data_path,

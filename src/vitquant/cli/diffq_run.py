@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "experiment_label"]
+__all__ = ["add_parser", "run"]
 
 #: short flags of the seed's run.py -> option names of the diffq method
 _OPTIONS = (
@@ -89,20 +89,6 @@ def add_parser(subparsers: Any) -> None:
     ex.add_argument("-o", "--out", default=None, help="output file")
 
 
-def experiment_label(values: dict[str, Any], label: str | None = None) -> str:
-    """``exp_<k>=<v>,...`` of the DiffQ options given (sorted), then ``label``: the seed's names.
-
-    Example:
-        >>> experiment_label({"penalty": 1.0, "group_size": 16})
-        'exp_group_size=16,penalty=1'
-    """
-    from vitquant.train.experiment import format_value
-
-    parts = [f"{k}={format_value(v)}" for k, v in sorted(values.items())]
-    name = "exp_" + ",".join(parts) if parts else "exp_default"
-    return f"{name},{label}" if label else name
-
-
 def _method_values(args: argparse.Namespace) -> dict[str, Any]:
     values = {}
     for _, long, _, _ in _OPTIONS:
@@ -122,6 +108,8 @@ def train_argv(args: argparse.Namespace) -> list[str]:
     """The ``vitquant train`` arguments of a ``diffq run``."""
     values = _method_values(args)
     argv = ["train", "--method", "diffq", "--output", args.output]
+    from vitquant.demo.diffq_experiment import experiment_label
+
     argv += ["--name", experiment_label(values, args.label)]
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
@@ -183,9 +171,9 @@ def _log_action(args: argparse.Namespace) -> int:
 
 def _load(experiment: str, which: str, device: Any) -> tuple[Any, Any, dict[str, Any]]:
     from vitquant.errors import ConfigError
+    from vitquant.methods.diffq.method import quantizer_of
     from vitquant.train.data import dataset_meta
     from vitquant.train.evaluation import EvalSpec, load_model_for_eval, resolve_data
-    from vitquant.train.methods.diffq import quantizer_of
 
     if not Path(experiment).is_dir():
         raise ConfigError(f"experiment folder not found: {experiment}")
@@ -202,11 +190,11 @@ def _load(experiment: str, which: str, device: Any) -> tuple[Any, Any, dict[str,
 
 def _eval_action(args: argparse.Namespace) -> int:
     from vitquant import data as vdata
+    from vitquant.methods.diffq.method import size_report
     from vitquant.train.checkpoint import write_json
     from vitquant.train.data import eval_loader, model_img_size
     from vitquant.train.distributed import resolve_device
     from vitquant.train.evaluation import evaluate_model_on
-    from vitquant.train.methods.diffq import size_report
 
     device = resolve_device(args.device)
     model, quantizer, info = _load(args.experiment, args.which, device)
@@ -214,7 +202,7 @@ def _eval_action(args: argparse.Namespace) -> int:
     img_size = cfg.img_size or model_img_size(model)
     act = args.act_flag or args.act
     if act:
-        from vitquant.diffq.act import quantize_activations
+        from vitquant.methods.diffq.act import quantize_activations
 
         ds = vdata.build_dataset(cfg.data_path, cfg.train_split, img_size=img_size)
         ds = vdata.subset(ds, min(len(ds), args.act_samples * 64), seed=cfg.seed)
@@ -241,7 +229,7 @@ def _eval_action(args: argparse.Namespace) -> int:
 
 
 def _export_action(args: argparse.Namespace) -> int:
-    from vitquant.diffq import save_quantized_state
+    from vitquant.methods.diffq import save_quantized_state
     from vitquant.train.distributed import resolve_device
 
     _, quantizer, _ = _load(args.experiment, args.which, resolve_device("cpu"))

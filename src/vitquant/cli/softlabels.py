@@ -2,7 +2,7 @@
 
 Runs the teacher on ``--num-crops`` random-resized crops of every training image and stores, per
 image, the crop coordinates, the flip flag and the top-k soft labels (FKD, Shen & Xing, 2022;
-the format VVTQ trains from, see :mod:`vitquant.data.softlabels`). Train with
+the format VVTQ trains from, see :mod:`vitquant.methods.vvtq.softlabels`). Train with
 ``vitquant train --method vvtq --softlabel-path FOLDER --num-crops 4``, using the same
 ``--train-subset`` and ``--seed``.
 """
@@ -45,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Writes the folder and prints its metadata."""
-    from vitquant.qat.run import make_softlabels
+    from vitquant.train.qat_run import make_softlabels
 
     meta = make_softlabels(
         args.teacher,

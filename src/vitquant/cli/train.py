@@ -19,8 +19,8 @@ __all__ = ["add_parser", "run", "config_from_args"]
 
 def add_parser(subparsers: Any) -> None:
     """Adds the ``train`` sub-command."""
+    from vitquant.methods import METHODS
     from vitquant.train.config import DISTILLATION_TYPES, OPTIMIZERS, TrainConfig
-    from vitquant.train.methods import METHODS
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -123,8 +123,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     import dataclasses
 
     from vitquant.errors import ConfigError
+    from vitquant.methods import METHODS, get_method
     from vitquant.train.config import TrainConfig
-    from vitquant.train.methods import METHODS, get_method
 
     method_cls = get_method(args.method)
     values = vars(args)

@@ -1,52 +1,25 @@
-"""DiffQ's parameter-level quantizers, rewritten for vitquant.
+"""Deprecated: DiffQ moved to vitquant.methods.diffq (its experiments to
+vitquant.demo.diffq_experiment) (old names forwarded until vitquant 0.3)."""
 
-Follows Défossez, Adi and Synnaeve (2021), "Differentiable Model Compression via Pseudo
-Quantization Noise", arXiv 2104.09987, and keeps the calls of its ``diffq`` package:
+from vitquant._deprecated import forward
 
-* :class:`DiffQuantizer`: learnt bits per group of weights through pseudo quantization noise;
-  add ``penalty * quantizer.model_size()`` to the loss;
-* :class:`UniformQuantizer`: fixed-bit min-max quantization (``qat=True`` for QAT);
-* :class:`LSQ`: learnt step size (Esser et al., 2020, arXiv 1902.08153), weights only;
-* :func:`restore_quantized_state`: rebuild the weights from a saved state, no quantizer needed;
-* :func:`run_diffq`: fine-tune a trained float run with DiffQ (or the QAT baseline), resumable.
-
-Every quantizer has the methods of :class:`~vitquant.diffq.base.BaseQuantizer`:
-``setup_optimizer``, ``model_size``, ``true_model_size``, ``packed_model_size``,
-``compressed_model_size``, ``get_quantized_state``, ``restore_quantized_state``, ``quantize``,
-``unquantize``, ``enter_quantize`` and ``detach``. States are plain data and load with
-``torch.load(..., weights_only=True)``; see ``docs/diffq.md``.
-"""
-
-from __future__ import annotations
-
-from vitquant.diffq.api import (
-    QUANTIZERS,
-    load_quantized_state,
-    make_quantizer,
-    restore_quantized_state,
-    save_quantized_state,
+__getattr__ = forward(
+    __name__,
+    {
+        "BaseQuantizer": "vitquant.methods.diffq",
+        "QuantizedParam": "vitquant.methods.diffq",
+        "DiffQuantizer": "vitquant.methods.diffq",
+        "UniformQuantizer": "vitquant.methods.diffq",
+        "LSQ": "vitquant.methods.diffq",
+        "QUANTIZERS": "vitquant.methods.diffq",
+        "make_quantizer": "vitquant.methods.diffq",
+        "restore_quantized_state": "vitquant.methods.diffq",
+        "save_quantized_state": "vitquant.methods.diffq",
+        "load_quantized_state": "vitquant.methods.diffq",
+        "check_state": "vitquant.methods.diffq",
+        "run_diffq": "vitquant.demo.diffq_experiment",
+        "diffq_config": "vitquant.demo.diffq_experiment",
+        "method_values": "vitquant.demo.diffq_experiment",
+        "command_line": "vitquant.demo.diffq_experiment",
+    },
 )
-from vitquant.diffq.base import BaseQuantizer, QuantizedParam
-from vitquant.diffq.diffq import DiffQuantizer
-from vitquant.diffq.experiment import command_line, diffq_config, method_values, run_diffq
-from vitquant.diffq.lsq import LSQ
-from vitquant.diffq.state import check_state
-from vitquant.diffq.uniform import UniformQuantizer
-
-__all__ = [
-    "BaseQuantizer",
-    "QuantizedParam",
-    "DiffQuantizer",
-    "UniformQuantizer",
-    "LSQ",
-    "QUANTIZERS",
-    "make_quantizer",
-    "restore_quantized_state",
-    "save_quantized_state",
-    "load_quantized_state",
-    "check_state",
-    "run_diffq",
-    "diffq_config",
-    "method_values",
-    "command_line",
-]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from vitquant.export.bitpack import pack, pack_signed, packed_nbytes, unpack, unpack_signed
+from vitquant.quant.bitpack import pack, pack_signed, packed_nbytes, unpack, unpack_signed
 
 __all__ = ["pack", "unpack", "pack_signed", "unpack_signed", "packed_nbytes"]

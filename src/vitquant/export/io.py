@@ -75,7 +75,7 @@ def _weight_quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
 def _training_state(model: nn.Module) -> tuple[str, ...]:
     """State-key prefixes of training-only modules, left out of exports: the oscillation
     trackers of VVTQ quantizers (their frozen codes are in the packed weight codes already)."""
-    from vitquant.qat.oscillation import OscillationTracker
+    from vitquant.methods.vvtq.oscillation import OscillationTracker
 
     return tuple(
         f"{name}." for name, m in model.named_modules() if isinstance(m, OscillationTracker)
@@ -141,7 +141,7 @@ def save_quantized(
     """
     from safetensors.torch import save as st_save
 
-    from vitquant import __version__
+    from vitquant._version import __version__
     from vitquant.quant.api import get_config
 
     if hasattr(model, "_vitquant_int8"):

@@ -2,7 +2,7 @@
 
 A weight ``w`` quantized by a uniform quantizer (any granularity: per tensor, channel, head or
 group) is stored as its codes ``x_q - qmin`` in ``[0, 2^bits - 1]``, bit-packed densely with
-:func:`vitquant.export.bitpack.pack` (``ceil(numel * bits / 8)`` bytes), while its scale and zero
+:func:`vitquant.quant.bitpack.pack` (``ceil(numel * bits / 8)`` bytes), while its scale and zero
 point stay in the quantizer's own state-dict entries. The codes are the quantizer's
 :meth:`~vitquant.quant.quantizers.base.Quantizer.int_codes`, the very codes its fake-quant forward
 dequantizes (frozen VVTQ weights included). Dequantization follows
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import CheckpointError
-from vitquant.export.bitpack import pack, packed_nbytes, unpack
+from vitquant.quant.bitpack import pack, packed_nbytes, unpack
 
 __all__ = ["packable", "quantize_weight", "pack_weight", "unpack_weight"]
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from vitquant.errors import VitquantError
 from vitquant.lm.train import LMTrainConfig, train_lm
-from vitquant.train.methods.diffq import DiffQMethodConfig
+from vitquant.methods.diffq.method import DiffQMethodConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:

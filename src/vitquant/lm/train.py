@@ -4,7 +4,7 @@ The language-model side of DiffQ (Défossez et al., 2021, arXiv 2104.09987; its 
 WikiText-103 example): the loss is ``cross-entropy + penalty * quantizer.model_size()``, the
 bit logits train with their own learning rate and no weight decay, validation runs the truly
 quantized model, and every epoch reports perplexity and model size. DiffQ is model-agnostic:
-the same :class:`vitquant.diffq.DiffQuantizer` that compresses the ViTs compresses this LM.
+the same :class:`vitquant.methods.diffq.DiffQuantizer` that compresses the ViTs compresses this LM.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from vitquant._atomic import atomic_write
-from vitquant.diffq import BaseQuantizer, DiffQuantizer, save_quantized_state
 from vitquant.errors import ConfigError
 from vitquant.lm.data import Corpus, lm_batches, load_corpus
 from vitquant.lm.model import LMConfig, TransformerLM
-from vitquant.train.methods.diffq import DiffQMethodConfig, build_quantizer, size_report
+from vitquant.methods.diffq import BaseQuantizer, DiffQuantizer, save_quantized_state
+from vitquant.methods.diffq.method import DiffQMethodConfig, build_quantizer, size_report
 
 __all__ = ["LMTrainConfig", "train_lm", "evaluate_lm"]
 

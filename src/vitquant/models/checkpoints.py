@@ -14,6 +14,9 @@ channels, ``pre_logits`` of the ImageNet-21k files is dropped, each with a one-l
 A head of another class count (or none in the file) is an error, not a random head: build the
 model for the file's classes (:func:`head_num_classes`; ``create_model`` does when ``num_classes``
 is not given) or ask for a new head, ``reset_head=True`` (fine-tuning to other classes).
+
+Length: over 500 lines because every checkpoint layout (timm/DeiT ``.pth``, Google ``.npz``,
+safetensors) goes through one filter and one loader, which read best in one file.
 """
 
 from __future__ import annotations

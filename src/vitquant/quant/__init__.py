@@ -13,6 +13,7 @@ ViT-specific PTQ of RepQ-ViT (log-sqrt2 softmax, LayerNorm reparameterisation).
 
 from __future__ import annotations
 
+from vitquant._deprecated import forward
 from vitquant.quant.api import (
     batch_input,
     calibrate,
@@ -38,15 +39,13 @@ from vitquant.quant.modules import (
     QuantTransformerEncoderLayer,
 )
 from vitquant.quant.presets import POINT_KINDS, PRESETS
-from vitquant.quant.quantizers import (
-    QUANTIZERS,
-    Log2Quantizer,
-    Log2Sqrt2Quantizer,
-    QParams,
-    Quantizer,
-    UniformQuantizer,
-)
+from vitquant.quant.quantizers import QUANTIZERS, QParams, Quantizer, UniformQuantizer
 from vitquant.quant.summary import format_summary, quant_summary
+
+# moved to vitquant.methods.repq (RepQ-ViT's package); forwarded until vitquant 0.3
+__getattr__ = forward(
+    __name__, dict.fromkeys(("Log2Quantizer", "Log2Sqrt2Quantizer"), "vitquant.methods.repq.log2")
+)
 
 __all__ = [
     "QuantConfig",
@@ -68,8 +67,6 @@ __all__ = [
     "Quantizer",
     "QUANTIZERS",
     "UniformQuantizer",
-    "Log2Quantizer",
-    "Log2Sqrt2Quantizer",
     "QuantLinear",
     "QuantConv2d",
     "QuantMatMul",

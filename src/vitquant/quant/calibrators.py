@@ -372,12 +372,3 @@ def compute_amax(
     cal = make_calibrator(method, num_bins=num_bins)
     cal.collect(x)
     return cal.compute_amax(method, percentile=percentile, bits=bits, unsigned=unsigned)
-
-
-def __getattr__(name: str) -> object:
-    # the observers build on this module; importing them lazily keeps the import acyclic
-    if name in ("MinMaxObserver", "HistogramObserver"):
-        from vitquant.quant import observers
-
-        return getattr(observers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -190,7 +190,7 @@ def fake_quant_ste(
 
 
 # --- logarithmic grids (FQ-ViT's log2 and RepQ-ViT's log-sqrt2 quantizers) -------------------
-# Added by the quantizer engineer for ``vitquant.quant.quantizers.log2``.
+# Added by the quantizer engineer for ``vitquant.methods.repq.log2``.
 
 
 def log2_quantize(x: Tensor, scale: Tensor, bits: int, sqrt2: bool = False) -> Tensor:
@@ -228,7 +228,8 @@ def fake_quant_log2(x: Tensor, scale: Tensor, bits: int, sqrt2: bool = False) ->
 
 
 # --- DiffQ's min-max grid with per-group bits ------------------------------------------------
-# Added by the DiffQ engineer for ``vitquant.diffq`` (Defossez et al., 2021, arXiv 2104.09987).
+# Added by the DiffQ engineer for ``vitquant.methods.diffq`` (Defossez et al., 2021, arXiv
+# 2104.09987).
 
 
 def minmax_levels(x: Tensor, mn: float, mx: float, bits: Tensor | int) -> Tensor:
@@ -253,7 +254,7 @@ def minmax_dequantize(levels: Tensor, mn: float, mx: float, bits: Tensor | int) 
 
 
 # --- LSQ initialisation and gradient scaling --------------------------------------------------
-# Added by the QAT engineer for ``vitquant.quant.quantizers.lsq`` (Esser et al., 2020,
+# Added by the QAT engineer for ``vitquant.methods.lsq.quantizer`` (Esser et al., 2020,
 # arXiv 1902.08153; LSQ+, Bhalgat et al., 2020, arXiv 2004.09576).
 
 

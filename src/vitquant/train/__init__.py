@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
+from vitquant.methods import METHODS, MethodConfig, MethodContext, StepState, TrainMethod
 from vitquant.train.checkpoint import load_checkpoint, save_checkpoint
 from vitquant.train.config import TrainConfig
 from vitquant.train.engine import EpochMeter, evaluate, train_one_epoch
 from vitquant.train.experiment import Experiment, experiment_dir, experiment_name
 from vitquant.train.losses import DistillationLoss, smoothed_cross_entropy, soft_distillation
-from vitquant.train.methods import METHODS, MethodConfig, MethodContext, StepState, TrainMethod
 from vitquant.train.optim import Lamb, build_optimizer, param_groups_weight_decay
 from vitquant.train.schedule import CosineSchedule, cosine_lr
 from vitquant.train.trainer import fit

@@ -7,7 +7,8 @@ config), or a foreign checkpoint of ``--teacher-model``. DeiT (Touvron et al., 2
 a teacher that predicts the same classes: another number of classes is an error.
 
 ``--finetune`` accepts checkpoints of the model's float base architecture (the QAT names of
-:mod:`vitquant.qat.models`), fused-``qkv`` ones into split-q/k/v models. As DeiT's ``--finetune``,
+:mod:`vitquant.methods.qat.models`), fused-``qkv`` ones into split-q/k/v models. As DeiT's
+``--finetune``,
 it fine-tunes to the data's classes: a checkpoint head of another class count is replaced by a new
 one, and that decision is printed (a warning naming both counts). A method may replace the
 augmented training set with its own (:func:`method_train_data`).
@@ -29,8 +30,8 @@ from vitquant.train.checkpoint import load_checkpoint
 from vitquant.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from vitquant.methods import TrainMethod
     from vitquant.train.data import TrainData
-    from vitquant.train.methods import TrainMethod
 
 __all__ = [
     "build_student",
@@ -100,7 +101,8 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
     """Loads float weights to start from; a checkpoint of another architecture is an error.
 
     A QAT model name (``fourbits_vit_micro_patch7_28``, ``vit_micro_patch7_28_quant``) accepts
-    checkpoints of its float base architecture (:func:`vitquant.qat.models.base_architecture`);
+    checkpoints of its float base architecture
+    (:func:`vitquant.methods.qat.models.base_architecture`);
     fused-``qkv`` checkpoints load into models with separate q/k/v projections. A head of another
     class count than the model's (the data's) gets replaced by a new one (DeiT's fine-tuning to
     other classes), with a warning on stderr that names both counts.
@@ -109,10 +111,11 @@ def load_finetune(model: nn.Module, path: str, model_name: str) -> None:
         CheckpointError: a run checkpoint of another base architecture, or weights that do not
             fit (one line naming both architectures).
     """
+    from vitquant.methods.qat.models import base_architecture
+    from vitquant.methods.vvtq.models import has_split_attention
+    from vitquant.methods.vvtq.split_attention import split_fused_state_dict
     from vitquant.models.checkpoints import head_num_classes, load_state_dict, read_checkpoint
     from vitquant.models.checkpoints import load_checkpoint as load_weights
-    from vitquant.qat.models import base_architecture, has_split_attention
-    from vitquant.qat.split_attention import split_fused_state_dict
 
     ckpt = resolve_run_checkpoint(path)
     mine = base_architecture(model_name)
@@ -242,7 +245,7 @@ def method_train_data(
 ) -> TrainData:
     """``data`` with the training set the method builds itself, if it does.
 
-    The method's :meth:`~vitquant.train.methods.TrainMethod.build_train_set` hook (VVTQ's
+    The method's :meth:`~vitquant.methods.TrainMethod.build_train_set` hook (VVTQ's
     multi-crop soft labels) gets ``base``: the training split of ``cfg`` with the evaluation
     transform (no random augmentation), the same ``train_subset`` (same ``seed``) in the same
     order, at ``img_size``; it is built only if the hook uses it. ``None`` keeps ``data``.
@@ -251,8 +254,8 @@ def method_train_data(
         DataError: a soft-label folder that does not match the data (images, classes, split,
             subset, seed or crop size).
     """
-    from vitquant.data.softlabels import FORMAT as SOFTLABEL_FORMAT
-    from vitquant.data.softlabels import check_source
+    from vitquant.methods.vvtq.softlabels import FORMAT as SOFTLABEL_FORMAT
+    from vitquant.methods.vvtq.softlabels import check_source
 
     hook = getattr(method, "build_train_set", None)
     if hook is None:

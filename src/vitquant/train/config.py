@@ -11,12 +11,13 @@ a resume when they differ.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from vitquant.errors import ConfigError
 
-__all__ = ["TrainConfig", "RUNTIME_FIELDS", "OPTIMIZERS", "DISTILLATION_TYPES"]
+__all__ = ["format_value", "TrainConfig", "RUNTIME_FIELDS", "OPTIMIZERS", "DISTILLATION_TYPES"]
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 #: ``dgd`` is an alias: it turns on the method's DGD loss (Q-ViT) and sets the DeiT type to none
@@ -36,6 +37,20 @@ RUNTIME_FIELDS = frozenset(
         "version",
     }
 )
+
+
+def format_value(value: Any) -> str:
+    """A value as it appears in a folder name (``0.001``, ``true``, ``a-b``, paths flattened)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value) if value != int(value) or abs(value) >= 1e16 else str(int(value))
+    if isinstance(value, list | tuple):
+        return "-".join(format_value(v) for v in value)
+    text = str(value).rstrip("/")
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text)
 
 
 @dataclass
@@ -71,7 +86,7 @@ class TrainConfig:
         repeated_aug: DeiT's repeated augmentation sampler.
         augment: training augmentation of the data package: ``"default"`` (per dataset),
             ``"rrc"`` (random resized crop) or ``"none"``.
-        method: training method (``vitquant.train.methods.METHODS``).
+        method: training method (``vitquant.methods.METHODS``).
         method_args: the method's own options (its config dataclass as a dict).
         teacher: teacher for distillation: a model name, a vitquant checkpoint or run folder, or
             a checkpoint of ``teacher_model``.
@@ -181,7 +196,7 @@ class TrainConfig:
 
     def _resolve_dgd_alias(self) -> None:
         """``distillation_type="dgd"``: the method's ``dgd`` option on, DeiT distillation off."""
-        from vitquant.train.methods import get_method
+        from vitquant.methods import get_method
 
         cls = get_method(self.method)
         if "dgd" not in cls.option_names():
@@ -203,8 +218,6 @@ class TrainConfig:
         Method options are compared one by one (``method_args.wbits=4 (folder) vs 3 (now)``), an
         option left out being equal to the method's default.
         """
-        from vitquant.train.experiment import format_value
-
         old, new = self.semantic_dict(), other.semantic_dict()
         old_m, new_m = old.pop("method_args", {}) or {}, new.pop("method_args", {}) or {}
         if self.method == other.method:  # options left at their default are equal to them
@@ -246,13 +259,13 @@ class TrainConfig:
 
 
 def _method_names() -> list[str]:
-    from vitquant.train.methods import METHODS
+    from vitquant.methods import METHODS
 
     return list(METHODS.names())
 
 
 def _method_defaults(name: str) -> dict[str, Any]:
-    from vitquant.train.methods import get_method
+    from vitquant.methods import get_method
 
     try:
         return get_method(name).Config().to_dict()

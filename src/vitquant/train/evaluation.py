@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vitquant.errors import CheckpointError, ConfigError
+from vitquant.methods import MethodContext, build_method
 from vitquant.train.build import resolve_run_checkpoint
 from vitquant.train.checkpoint import load_checkpoint
 from vitquant.train.config import TrainConfig
@@ -25,7 +26,6 @@ from vitquant.train.data import _data_api, eval_loader
 from vitquant.train.distributed import DistInfo, resolve_device
 from vitquant.train.engine import evaluate
 from vitquant.train.experiment import Experiment
-from vitquant.train.methods import MethodContext, build_method
 
 __all__ = ["EvalSpec", "load_model_for_eval", "evaluate_model_on", "structure_batches"]
 

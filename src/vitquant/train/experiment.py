@@ -24,7 +24,7 @@ import yaml
 
 from vitquant.errors import ConfigError
 from vitquant.train.checkpoint import atomic_write_text, write_json
-from vitquant.train.config import RUNTIME_FIELDS, TrainConfig
+from vitquant.train.config import RUNTIME_FIELDS, TrainConfig, format_value
 
 __all__ = ["dataset_slug", "experiment_name", "experiment_dir", "Experiment", "format_value"]
 
@@ -37,20 +37,6 @@ def dataset_slug(data_path: str) -> str:
     ``fashion-mnist``; ``digits`` -> ``digits``."""
     base = Path(str(data_path).rstrip("/")).name or str(data_path)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base) or "data"
-
-
-def format_value(value: Any) -> str:
-    """A value as it appears in a folder name (``0.001``, ``true``, ``a-b``, paths flattened)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return repr(value) if value != int(value) or abs(value) >= 1e16 else str(int(value))
-    if isinstance(value, list | tuple):
-        return "-".join(format_value(v) for v in value)
-    text = str(value).rstrip("/")
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text)
 
 
 def experiment_name(cfg: TrainConfig, method_defaults: dict[str, Any] | None = None) -> str:

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vitquant.errors import ConfigError
+from vitquant.methods.base import param_groups_weight_decay
 
 __all__ = ["Lamb", "build_optimizer", "param_groups_weight_decay"]
 
@@ -83,39 +84,6 @@ class Lamb(torch.optim.Optimizer):
                 )
                 p.add_((update * (-group["lr"] * ratio)).to(p.dtype))
         return loss
-
-
-def param_groups_weight_decay(
-    model: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()
-) -> list[dict[str, Any]]:
-    """Two parameter groups: with and without weight decay.
-
-    Args:
-        model: the model; its ``no_weight_decay()`` names (if it has the method) are excluded.
-        weight_decay: decay of the decayed group.
-        no_decay: further parameter names without decay.
-
-    Returns:
-        ``[{"params": decayed, "weight_decay": wd}, {"params": others, "weight_decay": 0.0}]``
-        (empty groups left out).
-    """
-    skip = set(no_decay)
-    if hasattr(model, "no_weight_decay"):
-        skip |= set(model.no_weight_decay())
-    decay: list[Tensor] = []
-    no: list[Tensor] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(

@@ -16,6 +16,9 @@ A run never silently starts over: a ``last.pt`` that cannot be read or loaded, o
 other options or for other data (steps per epoch), or a started folder (``best.pt``, logged epochs)
 without ``last.pt`` is an error. The method may build its own training set
 (:func:`~vitquant.train.build.method_train_data`: VVTQ's soft labels from ``--softlabel-path``).
+
+Length: over 500 lines because the run loop (fresh start, exact resume, checkpoints,
+distributed set-up) is one piece of state; its parts live in the other ``train`` modules.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import CheckpointError, ConfigError
+from vitquant.methods import MethodContext, StepState, TrainMethod, build_method
 from vitquant.train import distributed as D
 from vitquant.train.build import build_student, build_teacher, load_finetune, method_train_data
 from vitquant.train.checkpoint import (
@@ -52,7 +56,6 @@ from vitquant.train.data import (
 from vitquant.train.engine import EpochMeter, evaluate, train_one_epoch
 from vitquant.train.experiment import Experiment, experiment_dir
 from vitquant.train.losses import DistillationLoss
-from vitquant.train.methods import MethodContext, StepState, TrainMethod, build_method
 from vitquant.train.optim import build_optimizer
 from vitquant.train.progress import Progress, format_duration
 from vitquant.train.schedule import CosineSchedule

@@ -1,34 +1,30 @@
-"""Quantizers: one method per file, all on the :class:`~.base.Quantizer` interface.
+"""Quantizers: the :class:`~.base.Quantizer` interface and the calibrated uniform quantizer.
 
 * :mod:`.base`: :class:`QParams`, :class:`Quantizer`, the ``QUANTIZERS`` registry;
-* :mod:`.uniform`: calibrated fixed ranges (pytorch-quantization / TensorRT);
-* :mod:`.log2`: FQ-ViT's log2 and RepQ-ViT's log-sqrt2 quantizers for softmax outputs;
-* :mod:`.lsq`, :mod:`.qvit`, :mod:`.vvtq`: learned step sizes for QAT (LSQ / LSQ+, Q-ViT, VVTQ).
+* :mod:`.uniform`: calibrated fixed ranges (pytorch-quantization / TensorRT).
 
-Registration: each class registers itself in ``QUANTIZERS`` with ``@QUANTIZERS.register(name)``
-where it is defined, so a method file's names exist once that file is imported. This package
-imports every method file below, hence importing it (or ``vitquant``, or ``vitquant.quant``)
-registers all the built-in names that ``QuantConfig`` and ``prepare`` accept:
+Every other quantizer lives in its method's package and registers itself in ``QUANTIZERS`` with
+``@QUANTIZERS.register(name)`` where it is defined; ``import vitquant`` imports every method
+package, so all built-in names exist for ``QuantConfig`` and ``prepare``:
 
-==============================  ================================================
+==============================  ================================================================
 name                            class
-==============================  ================================================
-``uniform``                     :class:`UniformQuantizer`
-``log2``, ``log2_sqrt2``        :class:`Log2Quantizer`, :class:`Log2Sqrt2Quantizer`
-``lsq``, ``lsq+``               :class:`LSQQuantizer`, :class:`LSQPlusQuantizer`
-``qvit``                        :class:`QViTQuantizer`
-``vvtq``                        :class:`VVTQQuantizer`
-==============================  ================================================
+==============================  ================================================================
+``uniform``                     :class:`UniformQuantizer` (here)
+``log2``, ``log2_sqrt2``        ``Log2Quantizer``, ``Log2Sqrt2Quantizer`` (``methods/repq``)
+``lsq``, ``lsq+``               ``LSQQuantizer``, ``LSQPlusQuantizer`` (``methods/lsq``)
+``qvit``                        ``QViTQuantizer`` (``methods/qvit``)
+``vvtq``                        ``VVTQQuantizer`` (``methods/vvtq``)
+==============================  ================================================================
 
-A new method file must be imported here too (``tests/quant/test_quantizers.py`` checks this
-table against the registry, in a fresh interpreter after ``import vitquant``). To keep these
-imports free of cycles, method files import only ``vitquant.quant`` modules at module level;
-anything from ``vitquant.qat`` or ``vitquant.train`` is imported inside the methods that use it
-(as VVTQ does).
+(``tests/quant/test_quantizers.py`` checks this table against the registry, in a fresh
+interpreter after ``import vitquant``.) The old names of the moved classes are forwarded from here
+until vitquant 0.3.
 """
 
 from __future__ import annotations
 
+from vitquant._deprecated import forward
 from vitquant.quant.quantizers.base import (
     QUANTIZERS,
     QParams,
@@ -38,23 +34,13 @@ from vitquant.quant.quantizers.base import (
     gran_to_dict,
     quantizer_name,
 )
-from vitquant.quant.quantizers.log2 import Log2Quantizer, Log2Sqrt2Quantizer
-from vitquant.quant.quantizers.lsq import LSQPlusQuantizer, LSQQuantizer
-from vitquant.quant.quantizers.qvit import QViTQuantizer
 from vitquant.quant.quantizers.uniform import UniformQuantizer
-from vitquant.quant.quantizers.vvtq import VVTQQuantizer
 
 __all__ = [
     "QUANTIZERS",
     "QParams",
     "Quantizer",
     "UniformQuantizer",
-    "Log2Quantizer",
-    "Log2Sqrt2Quantizer",
-    "LSQQuantizer",
-    "LSQPlusQuantizer",
-    "QViTQuantizer",
-    "VVTQQuantizer",
     "gran_from_dict",
     "gran_to_dict",
     "gran_str",
@@ -66,3 +52,16 @@ __all__ = [
 def build_quantizer(name: str, **kwargs: object) -> Quantizer:
     """Instantiates the quantizer registered as ``name`` (unknown names raise ``ConfigError``)."""
     return QUANTIZERS.get(name)(**kwargs)  # type: ignore[arg-type]
+
+
+__getattr__ = forward(
+    __name__,
+    {
+        "Log2Quantizer": "vitquant.methods.repq.log2",
+        "Log2Sqrt2Quantizer": "vitquant.methods.repq.log2",
+        "LSQQuantizer": "vitquant.methods.lsq.quantizer",
+        "LSQPlusQuantizer": "vitquant.methods.lsq.quantizer",
+        "QViTQuantizer": "vitquant.methods.qvit.quantizer",
+        "VVTQQuantizer": "vitquant.methods.vvtq.quantizer",
+    },
+)

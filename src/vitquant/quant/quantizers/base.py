@@ -13,6 +13,9 @@ codes, shared by the fake-quant forward, the packed export and the int8 runtime.
 Granularities: per tensor, per channel along any axis, per attention head (contiguous channel
 blocks along an axis) and per group (``group_size`` consecutive elements along an axis, one scale
 per group and per index of the other dimensions; meant for weights).
+
+Length: over 500 lines because it is the one quantizer interface (calibration, codes,
+qparams, state) that every method implements; splitting it would scatter the contract.
 """
 
 from __future__ import annotations

@@ -1,21 +1,5 @@
-"""The ``float`` method: plain full-precision training, every hook at its default.
+"""Deprecated alias of :mod:`vitquant.methods.float.method` (moved; removed in vitquant 0.3)."""
 
-DeiT's recipe (Touvron et al., 2021, arXiv 2012.12877): label-smoothed cross-entropy, optional
-soft/hard distillation from ``--teacher``, AdamW/SGD/LAMB with warm-up + cosine.
-"""
+from vitquant._deprecated import alias
 
-from __future__ import annotations
-
-from vitquant.train.methods import METHODS
-from vitquant.train.methods.base import MethodConfig, TrainMethod
-
-__all__ = ["FloatMethod"]
-
-
-@METHODS.register("float")
-class FloatMethod(TrainMethod):
-    """Full-precision training (the default method)."""
-
-    name = "float"
-    Config = MethodConfig
-    summary = "full-precision training (default)"
+alias(__name__, "vitquant.methods.float.method")

@@ -1,24 +1,5 @@
-"""The ``lsq`` method: quantization-aware training with learned step sizes.
+"""Deprecated alias of :mod:`vitquant.methods.lsq.method` (moved; removed in vitquant 0.3)."""
 
-Esser et al., "Learned Step Size Quantization" (ICLR 2020, arXiv 1902.08153), with LSQ+'s
-learnable offset on the GELU output (Bhalgat et al., 2020). Weights per channel, activations
-(Linear inputs, q, k, v, attention probabilities) per tensor; patch embedding and head at 8 bits;
-step sizes initialised by an MSE fit on a few training batches. Distillation from ``--teacher``
-(DeiT soft/hard) is the engine's.
-"""
+from vitquant._deprecated import alias
 
-from __future__ import annotations
-
-from vitquant.qat.method import QATMethod, QATMethodConfig
-from vitquant.train.methods import METHODS
-
-__all__ = ["LSQMethod"]
-
-
-@METHODS.register("lsq")
-class LSQMethod(QATMethod):
-    """LSQ quantization-aware training (``--wbits``, ``--abits``)."""
-
-    name = "lsq"
-    Config = QATMethodConfig
-    summary = "quantization-aware training with learned step sizes (LSQ / LSQ+)"
+alias(__name__, "vitquant.methods.lsq.method")

@@ -7,15 +7,15 @@ register themselves with :func:`register_demo_step` and read what earlier steps 
 :attr:`DemoContext.artifacts` (``"float_dir"``, ``"float_checkpoint"``, ``"float_result"``,
 ``"float_config"``, ``"float_size_mb"``, and ``"model:<row name>"`` for quantized models):
 
-* :mod:`vitquant.demo_quant`: PTQ W8A8 (ft1, ft2), W4A4 min-max and ViT-specific;
-* :mod:`vitquant.demo_qat`: QAT W4A4 with LSQ, Q-ViT and VVTQ (cached fine-tuning runs);
-* :mod:`vitquant.demo_ablation`: W2A2 rows, LSQ against Q-ViT ± IRM ± DGD and VVTQ ± regulariser
+* :mod:`vitquant.demo.quant`: PTQ W8A8 (ft1, ft2), W4A4 min-max and ViT-specific;
+* :mod:`vitquant.demo.qat`: QAT W4A4 with LSQ, Q-ViT and VVTQ (cached fine-tuning runs);
+* :mod:`vitquant.demo.ablation`: W2A2 rows, LSQ against Q-ViT ± IRM ± DGD and VVTQ ± regulariser
   and freezing;
-* :mod:`vitquant.demo_diffq`: DiffQ at two size penalties (cached fine-tuning runs);
-* :mod:`vitquant.demo_export`: the packed export of a W4 model and the int8 runtime.
+* :mod:`vitquant.demo.diffq`: DiffQ at two size penalties (cached fine-tuning runs);
+* :mod:`vitquant.demo.export`: the packed export of a W4 model and the int8 runtime.
 
 :func:`run_demo_report` runs them with a ``[k/N] step`` line and the wall time of each;
-:mod:`vitquant.demo_report` writes the table as JSON, Markdown and an accuracy-vs-size PNG.
+:mod:`vitquant.demo.report` writes the table as JSON, Markdown and an accuracy-vs-size PNG.
 
 Fashion-MNIST: Xiao, Rasul and Vollgraf, 2017 (arXiv 1708.07747), 60k train / 10k test 28x28
 grayscale images; the Debian package ``dataset-fashion-mnist`` installs it under
@@ -364,7 +364,7 @@ def format_table(rows: list[DemoRow]) -> str:
 def _import_steps() -> None:
     import importlib
 
-    for mod in ("demo_quant", "demo_qat", "demo_ablation", "demo_diffq", "demo_export"):
+    for mod in ("quant", "qat", "ablation", "diffq", "export"):
         importlib.import_module(f".{mod}", __package__)
 
 
