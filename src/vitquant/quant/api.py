@@ -22,6 +22,7 @@ from vitquant.errors import ConfigError, DataError
 from vitquant.models.layers import Add, MatMul
 from vitquant.quant.calibrators import CALIBRATION_METHODS
 from vitquant.quant.config import QuantConfig
+from vitquant.quant.passes import build_passes
 from vitquant.quant.granularity import PerChannel, PerGroup, PerTensor
 from vitquant.quant.modules import (
     QuantAdd,
@@ -308,7 +309,9 @@ def calibrate(
 
     Activation statistics are collected over ``data`` with quantization off, then ranges are
     computed with ``method``; with ``ln_reparam`` the post-LayerNorm ranges are folded into the
-    model; finally weights are calibrated from the (possibly folded) weights.
+    model; then weights are calibrated from the (possibly folded) weights. The config's
+    calibration passes (:mod:`vitquant.quant.passes`) run before the statistics (with
+    quantization off) and after the ranges.
 
     Args:
         model: a model returned by :func:`prepare`.
@@ -348,12 +351,18 @@ def calibrate(
         model.to(device)
     dev = torch.device(device) if device is not None else _model_device(model)
 
-    pairs = prepare_reparam(model) if config.effective_ln_reparam else []
+    passes = build_passes(config)
+    if passes:  # every pass reads the same batches, so a one-shot iterator is read once here
+        data = _take(data, num_batches)
     acts = [q for _, q in quantizers if q.role != "weight"]
     was_training = model.training
     model.eval()
     count = 0
     try:
+        with quantization_disabled(model), torch.no_grad():
+            for p in passes:
+                p.before_statistics(model, data, config)
+        pairs = prepare_reparam(model) if config.effective_ln_reparam else []
         with quantization_disabled(model), torch.no_grad():
             for q in acts:
                 q.start_calibration(method, num_bins=bins)
@@ -383,11 +392,23 @@ def calibrate(
             )
         apply_reparam(pairs)
         _calibrate_weights(model, weight_method, percentile)
+        for p in passes:
+            p.after_ranges(model, data, config)
     finally:
         for q in acts:
             q.calibrating = False
         model.train(was_training)
     return model
+
+
+def _take(data: Iterable[Any], num_batches: int | None) -> list[Any]:
+    """The first ``num_batches`` batches of ``data`` (all of them when None), as a list."""
+    out: list[Any] = []
+    for batch in data:
+        if num_batches is not None and len(out) >= num_batches:
+            break
+        out.append(batch)
+    return out
 
 
 def _calibrate_weights(model: nn.Module, method: str, percentile: float) -> None:

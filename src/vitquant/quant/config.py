@@ -16,6 +16,7 @@ from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
 from vitquant.quant.calibrators import CALIBRATION_METHODS
 from vitquant.quant.presets import POINT_KINDS, PRESETS, resolve_preset
+from vitquant.quant.passes import CALIBRATION_PASSES
 from vitquant.quant.quantizers import QUANTIZERS
 
 __all__ = ["QuantConfig", "CONFIG_VERSION", "OVERRIDE_KEYS"]
@@ -81,6 +82,10 @@ class QuantConfig:
         quantize_patch_embed: quantize Conv2d layers (the patch embedding) too.
         quantize_head: quantize the classifier head(s) (modules matching ``head_patterns``).
         head_patterns: fnmatch patterns naming classifier heads.
+        passes: calibration passes that :func:`calibrate` runs around its statistics, by
+            registered name (:data:`~vitquant.quant.passes.CALIBRATION_PASSES`: SmoothQuant
+            migration ``"smooth"``, loss-aware ranges ``"output_mse"``, ...); None: the preset's.
+        pass_options: ``{pass name: {option: value}}``.
         version: format version of this config.
 
     Example:
@@ -111,6 +116,8 @@ class QuantConfig:
     head_patterns: list[str] = field(
         default_factory=lambda: ["head", "head_dist", "heads", "heads.*", "classifier", "fc"]
     )
+    passes: list[str] | None = None
+    pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -172,6 +179,15 @@ class QuantConfig:
                 opts["granularity"] = _check_granularity(
                     opts["granularity"], f"overrides[{pattern!r}].granularity"
                 )
+        if self.passes is not None:
+            self.passes = [str(p) for p in self.passes]
+        self.pass_options = {str(k): dict(v) for k, v in dict(self.pass_options).items()}
+        for name in [*self.effective_passes, *self.pass_options]:
+            if name not in CALIBRATION_PASSES:
+                raise ConfigError(
+                    f"unknown calibration pass {name!r}; use one of "
+                    f"{', '.join(CALIBRATION_PASSES.names()) or '(none registered)'}"
+                )
         if int(self.version) > CONFIG_VERSION:
             raise ConfigError(
                 f"config version {self.version} is newer than this vitquant ({CONFIG_VERSION})"
@@ -196,6 +212,11 @@ class QuantConfig:
         if self.ln_reparam is None:
             return PRESETS[self.preset].ln_reparam
         return bool(self.ln_reparam)
+
+    @property
+    def effective_passes(self) -> list[str]:
+        """The calibration passes :func:`calibrate` runs: ``passes``, else the preset's."""
+        return list(PRESETS[self.preset].passes if self.passes is None else self.passes)
 
     @property
     def effective_act_symmetric(self) -> bool:

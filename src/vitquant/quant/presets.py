@@ -46,6 +46,7 @@ class Preset:
     softmax_quantizer: str = "uniform"
     ln_reparam: bool = False
     act_symmetric: bool = True
+    passes: tuple[str, ...] = ()
     description: str = ""
 
 

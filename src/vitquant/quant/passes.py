@@ -1,0 +1,69 @@
+"""Calibration passes: model transforms that :func:`~vitquant.quant.calibrate` runs around its
+statistics, named in a :class:`~vitquant.quant.QuantConfig` (``passes``) or its preset.
+
+A pass is a method's contribution to PTQ that is not a quantizer: SmoothQuant-style migration of
+activation outliers into the weights runs *before* the statistics (on the float function, with
+quantization off), loss-aware range selection *after* the ranges (with quantization on). Passes
+live in their method's package (``vitquant/methods/ptq/``) and register themselves here, so the
+PTQ core imports none of them::
+
+    @CALIBRATION_PASSES.register("output_mse")
+    class OutputMSE(CalibrationPass):
+        def after_ranges(self, model, batches, config): ...
+
+``calibrate`` hands every pass the same calibration batches (a list, so that a pass may read them
+several times) and runs them in the order the config names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from vitquant.registry import Registry
+
+if TYPE_CHECKING:
+    from vitquant.quant.config import QuantConfig
+
+__all__ = ["CALIBRATION_PASSES", "CalibrationPass", "build_passes"]
+
+
+class CalibrationPass:
+    """Base of the calibration passes; both hooks default to doing nothing.
+
+    Args:
+        **options: the pass's options (``QuantConfig.pass_options[name]``).
+    """
+
+    name = ""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = dict(options)
+
+    def before_statistics(
+        self, model: nn.Module, batches: Sequence[Any], config: QuantConfig
+    ) -> None:
+        """Runs on the prepared model with quantization off, before any statistics: a change of
+        the float function's parametrisation (it must keep the float outputs)."""
+
+    def after_ranges(self, model: nn.Module, batches: Sequence[Any], config: QuantConfig) -> None:
+        """Runs once every activation and weight range is set: a refinement of the ranges."""
+
+
+#: every registered calibration pass, by name
+CALIBRATION_PASSES: Registry[type[CalibrationPass]] = Registry("calibration pass")
+
+
+def build_passes(config: QuantConfig) -> list[CalibrationPass]:
+    """The config's passes (``config.effective_passes``), built with their options.
+
+    Raises:
+        ConfigError: an unknown pass name (the closest names are listed).
+    """
+    options = config.pass_options
+    return [
+        CALIBRATION_PASSES.get(name)(**dict(options.get(name, {})))
+        for name in config.effective_passes
+    ]
