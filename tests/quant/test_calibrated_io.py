@@ -88,3 +88,20 @@ def test_mismatch_errors(tmp_path: Path) -> None:
         load_calibrated(tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_calibrated(tmp_path / "missing.pth")
+
+
+def test_a_layer_kept_in_float_stays_float(tmp_path: Path) -> None:
+    model = _calibrated("ft1")
+    fc2 = model.blocks[0].mlp.fc2
+    fc2.input_quantizer.enabled = False
+    fc2.weight_quantizer.enabled = False
+    path = save_calibrated(
+        model, tmp_path / "m_calib.pth", model_name="vit_nano_patch4_28", model_kwargs=KW
+    )
+    loaded = load_calibrated(path).eval()
+    lf = loaded.blocks[0].mlp.fc2
+    assert not lf.input_quantizer.enabled and not lf.weight_quantizer.enabled
+    assert loaded.blocks[0].mlp.fc1.input_quantizer.enabled
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))

@@ -471,8 +471,9 @@ class Quantizer(nn.Module):
 
     # --- state ------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        """Plain-data format description saved with the buffers."""
-        return {
+        """Plain-data format description saved with the buffers (``enabled`` only when off: a
+        layer kept in float by a fallback stays float when its file is loaded)."""
+        state: dict[str, Any] = {
             "kind": self.kind,
             "bits": self.bits,
             "signed": self.signed,
@@ -481,6 +482,9 @@ class Quantizer(nn.Module):
             "granularity": gran_to_dict(self.granularity),
             "channels": self.channels,
         }
+        if not self.enabled:
+            state["enabled"] = False
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict):
@@ -497,6 +501,8 @@ class Quantizer(nn.Module):
         if "granularity" in state:
             self.granularity = gran_from_dict(state["granularity"])
         self.channels = int(state.get("channels", self.channels))
+        if "enabled" in state:
+            self.enabled = bool(state["enabled"])
 
     def _load_from_state_dict(
         self,
