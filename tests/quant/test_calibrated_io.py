@@ -105,3 +105,26 @@ def test_a_layer_kept_in_float_stays_float(tmp_path: Path) -> None:
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_a_smoothed_model_round_trips(tmp_path: Path) -> None:
+    model = vitquant.create_model("vit_nano_patch4_28", **KW).eval()
+    prepare(
+        model,
+        QuantConfig(
+            "ft1",
+            wbits=8,
+            abits=8,
+            passes=["smooth"],
+            pass_options={"smooth": {"alpha": 0.5, "progress": False}},
+        ),
+    )
+    calibrate(model, [torch.randn(4, 1, 28, 28) for _ in range(2)], progress=False)
+    assert model.blocks[0].mlp.fc2.smooth_scale is not None
+    path = save_calibrated(
+        model, tmp_path / "m_calib.pth", model_name="vit_nano_patch4_28", model_kwargs=KW
+    )
+    loaded = load_calibrated(path).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -5,8 +5,9 @@ File format ``vitquant-quantized`` version 1: a safetensors file whose tensors a
 * ``<weight>::codes``: uint8, the bit-packed integer codes of every weight with a uniform weight
   quantizer (2..16 bits; see :mod:`vitquant.export.qtensor`);
 * every other state-dict tensor as itself (float parameters, quantizer ranges ``scale``,
-  ``zero_point``, ``amax``, ``amin``, buffers), except training-only state: the oscillation
-  trackers of VVTQ weight quantizers (a frozen weight's code is already its packed code);
+  ``zero_point``, ``amax``, ``amin``, buffers, the SmoothQuant factors ``smooth_scale`` of
+  smoothed linears), except training-only state: the oscillation trackers of VVTQ weight
+  quantizers (a frozen weight's code is already its packed code);
 
 and whose safetensors metadata holds ``format``, ``header`` (compact JSON) and ``sha256``. The
 header records the format version, the model (registry name and constructor arguments), the
@@ -16,7 +17,8 @@ header text and every tensor (name, dtype, shape, bytes), so a truncated or corr
 refused with a :class:`~vitquant.errors.CheckpointError`, never loaded into a silently wrong model.
 
 Loading rebuilds the model with :func:`vitquant.create_model` and
-:func:`vitquant.quant.prepare`, loads the quantizer states, unpacks and dequantizes the weights
+:func:`vitquant.quant.prepare` (giving the smoothed linears their ``smooth_scale`` buffers),
+loads the quantizer states, unpacks and dequantizes the weights
 (``w_hat``, which the weight quantizers map to themselves) and returns the fake-quant model in
 eval mode: no optimizer, no calibration statistics, no training objects. Like DiffQ's
 ``get_quantized_state(packed=True)`` (Défossez et al., 2021, arXiv 2104.09987) but on
@@ -225,7 +227,7 @@ def _sizes(records: dict[str, dict[str, Any]], tensors: dict[str, Tensor]) -> di
             t = tensors[key]
             nbytes = t.numel() * t.element_size()
             true_bytes += nbytes
-            if t.is_floating_point() and not _is_quantizer_state(key):
+            if t.is_floating_point() and not _is_quantizer_state(key) and not _is_smooth(key):
                 float_bytes += 4 * t.numel()
                 left_float.append([key, t.numel()])
             else:
@@ -240,6 +242,11 @@ def _sizes(records: dict[str, dict[str, Any]], tensors: dict[str, Tensor]) -> di
 def _is_quantizer_state(key: str) -> bool:
     parts = key.split(".")
     return len(parts) >= 2 and parts[-2].endswith("quantizer")
+
+
+def _is_smooth(key: str) -> bool:
+    """SmoothQuant factors: quantization state, not part of the float model's size."""
+    return key.rsplit(".", 1)[-1] == "smooth_scale"
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -309,6 +316,7 @@ def load_quantized(
     from vitquant.quant.api import prepare
     from vitquant.quant.calibrated_io import load_state_checked
     from vitquant.quant.config import QuantConfig
+    from vitquant.quant.modules.linear import add_smooth_buffers
 
     path = Path(path)
     header, tensors = _read(path)
@@ -356,6 +364,7 @@ def load_quantized(
         except (RuntimeError, ConfigError) as e:
             raise CheckpointError(f"{path}: quantizer {qname}: {str(e).splitlines()[0]}") from None
         state[key] = unpack_weight(tensors[key + _CODES], rec, q, key)
+    add_smooth_buffers(model, state)  # the smooth_scale buffers of smoothed linears
     load_state_checked(model, state, source=str(path))
     model = model.to(device).eval()
     if lower:

@@ -22,6 +22,7 @@ from vitquant._atomic import atomic_torch_save
 from vitquant.errors import CheckpointError, ConfigError
 from vitquant.quant.api import get_config, prepare
 from vitquant.quant.config import QuantConfig
+from vitquant.quant.modules.linear import add_smooth_buffers
 
 __all__ = ["save_calibrated", "load_calibrated", "load_state_checked", "CALIBRATED_FORMAT"]
 
@@ -72,6 +73,7 @@ def save_calibrated(
 def load_state_checked(model: nn.Module, state: dict[str, Any], source: str = "file") -> None:
     """``model.load_state_dict(state)`` with one-line :class:`CheckpointError`s naming keys and
     shapes. Quantizer range buffers may change shape (per-channel sizes)."""
+    add_smooth_buffers(model, state)  # SmoothQuant's per-channel factors, where the file has them
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

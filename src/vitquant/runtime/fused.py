@@ -14,7 +14,14 @@ Inductor's x86 int8 path and FasterTransformer's int8 ViT kernels do:
 * ``proj`` and ``fc2`` add the residual in their epilogue (when the residual adds are not
   quantized), LayerScale is folded into their output scales;
 * ``fc1`` applies GELU in its epilogue and requantizes straight to ``fc2``'s input grid (when it
-  has no after-GEMM quantizer), so the 4x wider hidden activation only exists as uint8.
+  has no after-GEMM quantizer), so the 4x wider hidden activation only exists as uint8. A
+  SmoothQuant factor on ``fc2``'s input (``smooth_scale``, which GELU keeps out of ``fc1``) is a
+  per-channel divisor of that requantization (``round(gelu(y) / (s_c * scale))``; on oneDNN,
+  whose epilogue has one output scale, GELU stays in the epilogue and the requantization is
+  one pass after it).
+
+Smoothing factors of ``qkv``/``fc1`` inputs are folded into the LayerNorm-and-quantize pass
+(:class:`LayerNormQuant`), those of ``proj`` into the quantization of the ``attn·v`` result.
 
 Everything the fused path cannot express (log2 softmax quantizers, quantized residual adds,
 after-GEMM quantizers before GELU) falls back to the block's own modules for that op, so the
@@ -181,6 +188,10 @@ class Int8Attention(nn.Module):
                 v_zp = 0
             acc = int8_bmm(pq, a_zp, v8, v_zp, self.backend)
             pa = self.proj.act
+            if self.proj.in_div is not None:  # smoothed: per-channel divisors, [B, N, C]
+                o = torch.mul(acc, av.a.scale * av.b.scale).float().transpose(1, 2)
+                oq = self.proj.quantize_input(o.reshape(b, n, c))
+                return self._proj(oq, residual)
             shift = pa.zero_point + pa.offset(self.proj.dtype)
             # (acc * s_p * s_v) / s_proj + zero point + storage offset in one pass
             o = torch.add(self._shift(shift, acc), acc, alpha=av.a.scale * av.b.scale / pa.scale)
@@ -246,7 +257,7 @@ class Int8Mlp(nn.Module):
         if self.fuse_gelu:
             hq = fc1.forward_codes(
                 xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx,
-                out=fc2.act, out_dtype=fc2.dtype,
+                out=fc2.act, out_dtype=fc2.dtype, out_div=fc2.in_div,
             )  # fmt: skip
         else:
             hidden = fc1.float_from_codes(xq)
@@ -324,7 +335,8 @@ class Int8Block(nn.Module):
 
 class LayerNormQuant(nn.Module):
     """``LayerNorm`` followed by quantization, with ``1 / scale`` and the zero point folded into
-    the LayerNorm's affine parameters (one float pass fewer than normalise-then-quantize)."""
+    the LayerNorm's affine parameters (one float pass fewer than normalise-then-quantize); a
+    smoothed next layer's ``1 / (s * scale)`` is folded the same way."""
 
     def __init__(self, norm: nn.LayerNorm, lin: Int8Linear) -> None:
         super().__init__()
@@ -333,8 +345,9 @@ class LayerNormQuant(nn.Module):
         w = norm.weight.detach().float() if norm.weight is not None else torch.ones(c)
         bias = norm.bias.detach().float() if norm.bias is not None else torch.zeros(c)
         self.shape, self.eps, self.act, self.dtype = tuple(c), float(norm.eps), a, lin.dtype
-        self.register_buffer("weight", w / a.scale)
-        self.register_buffer("bias", bias / a.scale + a.zero_point + a.offset(lin.dtype))
+        div: float | Tensor = a.scale if lin.in_div is None else lin.in_div.to(w.device)
+        self.register_buffer("weight", w / div)
+        self.register_buffer("bias", bias / div + a.zero_point + a.offset(lin.dtype))
 
     @staticmethod
     def supported(norm: nn.Module) -> bool:

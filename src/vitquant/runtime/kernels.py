@@ -139,12 +139,16 @@ def quantize_act(
     shifted: bool = False,
     clamp: bool = True,
     offset_in: bool = False,
+    div: Tensor | None = None,
 ) -> Tensor:
     """Integer codes of ``x`` stored in ``dtype`` (shifted by ``a.offset(dtype)``).
 
     Computes ``x / scale`` as the fake quantizer does (division, not multiplication by the
     inverse), so the codes are exactly the fake-quant model's. The shift between signed codes
     and ``uint8`` storage (and back) is a bitwise XOR with 128 on the bytes, not a float pass.
+    A smoothed input (SmoothQuant's ``x / s`` before the quantizer) passes ``div = s * scale``
+    (per channel of the last axis): the smoothing costs no pass of its own, and the codes equal
+    the fake-quant ones up to the rounding of ``(x / s) / scale`` against ``x / (s * scale)``.
 
     Args:
         x: float tensor.
@@ -154,9 +158,14 @@ def quantize_act(
         shifted: the zero point is already added too.
         clamp: clamp to ``[qmin, qmax]`` (skip only when the range provably holds).
         offset_in: the storage offset is already added as well (with ``shifted``).
+        div: per-channel divisor ``[C]`` (last axis) used instead of ``a.scale`` (not with
+            ``scaled``).
     """
     off = a.offset(dtype)
-    q = x.round_() if scaled else torch.div(x, a.scale).round_()
+    if scaled:
+        q = x.round_()
+    else:
+        q = torch.div(x, a.scale if div is None else div).round_()
     if a.zero_point and not shifted:
         q.add_(a.zero_point)
     if offset_in:
@@ -364,6 +373,7 @@ def int8_linear(
     gelu_approximate: str = "none",
     other: Tensor | None = None,
     w_scale: Tensor | None = None,
+    out_div: Tensor | None = None,
 ) -> Tensor:
     """Integer linear layer: ``y = post((xq - x_zp) @ codesᵀ * x_scale * w_scale + bias)``.
 
@@ -382,12 +392,22 @@ def int8_linear(
         other: float tensor ``[..., N]`` added after ``post`` (a residual connection).
         w_scale: per-output-channel scale replacing ``w.scale`` (folds a per-channel output
             scale into the epilogue).
+        out_div: with ``out``, a per-output-channel divisor replacing ``out.scale`` (the
+            smoothing factors of the next layer times its input scale, see
+            :func:`quantize_act`); oneDNN then returns float and the requantization runs as
+            one :func:`quantize_act`, since its epilogue takes one output scale.
 
     Returns:
         ``[..., N]`` float, or codes in ``out_dtype`` when ``out`` is given.
     """
     shape = (*xq.shape[:-1], w.out_features)
     ws = w.scale if w_scale is None else w_scale
+    if w.backend == "onednn" and out is not None and out_div is not None:
+        y = int8_linear(
+            xq, x_scale, x_zp, w, bias, post=post, gelu_approximate=gelu_approximate,
+            other=other, w_scale=w_scale,
+        )  # fmt: skip
+        return quantize_act(y, out, out_dtype, div=out_div)
     if w.backend == "onednn":
         x2 = xq.reshape(-1, xq.shape[-1])
         if out is None:
@@ -420,7 +440,7 @@ def int8_linear(
     if other is not None:
         y = y + other.reshape(y.shape)
     if out is not None:
-        return quantize_act(y, out, out_dtype).reshape(shape)
+        return quantize_act(y, out, out_dtype, div=out_div).reshape(shape)
     return y.to(out_dtype).reshape(shape)
 
 

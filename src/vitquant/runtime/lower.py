@@ -50,10 +50,12 @@ def is_lowered(model: nn.Module) -> bool:
 
 
 def lowering_report(model: nn.Module) -> dict[str, Any]:
-    """What :func:`lower` did: ``{"backend", "blocks", "linears", "matmuls", "kept"}``.
+    """What :func:`lower` did: ``{"backend", "blocks", "linears", "matmuls", "smoothed",
+    "kept"}``.
 
-    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules; ``kept`` maps the
-    name of each quantized module left in fake-quant float to the reason.
+    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules; ``smoothed`` the
+    integer linears (inside blocks too) whose input quantization carries SmoothQuant factors;
+    ``kept`` maps the name of each quantized module left in fake-quant float to the reason.
     """
     if not is_lowered(model):
         raise ConfigError("the model has not been lowered: call vitquant.runtime.lower(model)")
@@ -151,6 +153,9 @@ def lower(
                     report["matmuls"].append(name)
             elif isinstance(m, nn.Conv2d) and _has_quantizer(m):
                 kept[name] = "convolution (kept in fake-quant float)"
+    report["smoothed"] = [
+        n for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.in_div is not None
+    ]
     report["kept"] = kept
     object.__setattr__(model, _REPORT_ATTR, report)
     if warn and kept:

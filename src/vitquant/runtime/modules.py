@@ -4,7 +4,9 @@
   and at most 8 bits (weights per tensor or per output channel; 2..8-bit weights all run on the
   int8 kernels, unpacked once). With an after-GEMM ``output_quantizer`` (FasterTransformer's ft2)
   the GEMM result is requantized to int8 in the kernel's epilogue and the bias added after it,
-  as the fake-quant module computes.
+  as the fake-quant module computes. A ``smooth_scale`` (SmoothQuant's per-input-channel factor
+  ``s``, the input divided by it before the quantizer) is folded into the input quantization:
+  ``round(x / (s * scale))``, one pass as without it, and the GEMM stays per-tensor int8.
 * :class:`Int8MatMul` replaces a ``QuantMatMul`` (q·kᵀ, attn·v) with both operands quantized:
   all heads in one exact integer product (:func:`~vitquant.runtime.kernels.int8_bmm`: int8 GEMMs
   per head on the CPU, one batched GEMM on CUDA), int32 accumulation, float output.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vitquant.errors import ConfigError
 from vitquant.runtime.kernels import ActQ, PackedWeight, int8_bmm, int8_linear, quantize_act
 
 __all__ = [
@@ -99,6 +102,12 @@ class Int8Linear(nn.Module):
         act: the input quantizer.
         backend: ``"onednn" | "intmm" | "reference"``.
         out_q: after-GEMM quantizer (applied before the bias), or None.
+        smooth: per-input-channel smoothing factors ``s`` ``[K]`` (the input is ``x / s``
+            before ``act``), or None.
+
+    Attributes:
+        in_div: ``s * act.scale`` (float ``[K]``), the divisor that quantizes a smoothed input
+            in one pass, or None without smoothing.
     """
 
     def __init__(
@@ -109,6 +118,7 @@ class Int8Linear(nn.Module):
         act: ActQ,
         backend: str,
         out_q: ActQ | None = None,
+        smooth: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = int(codes.shape[1])
@@ -118,6 +128,15 @@ class Int8Linear(nn.Module):
         self.backend = backend
         self.weight = PackedWeight(codes, w_scale, backend)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        div = None
+        if smooth is not None:
+            s = smooth.detach().float().reshape(-1)
+            if s.numel() != self.in_features:
+                raise ConfigError(
+                    f"{s.numel()} smoothing factors for {self.in_features} input channels"
+                )
+            div = (s * act.scale).to(codes.device)
+        self.register_buffer("in_div", div)
         self.dtype = code_dtype(backend)
 
     @classmethod
@@ -135,11 +154,14 @@ class Int8Linear(nn.Module):
             out_q, why = act_from_quantizer(oq)
             if out_q is None:
                 return None, f"output: {why}"
-        return cls(codes, scale, m.bias, act, backend, out_q), ""
+        smooth = getattr(m, "_buffers", {}).get("smooth_scale")
+        if smooth is not None and smooth.numel() != m.weight.shape[1]:
+            return None, "smooth_scale does not match the input channels"
+        return cls(codes, scale, m.bias, act, backend, out_q, smooth), ""
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """Codes of ``x`` in this layer's storage dtype."""
-        return quantize_act(x, self.act, self.dtype)
+        """Codes of ``x`` (divided by the smoothing factors, if any) in the storage dtype."""
+        return quantize_act(x, self.act, self.dtype, div=self.in_div)
 
     @property
     def x_zp(self) -> int:
@@ -164,7 +186,8 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"backend={self.backend}, int8_out={self.out_q is not None}"
+            f"backend={self.backend}, int8_out={self.out_q is not None}, "
+            f"smoothed={self.in_div is not None}"
         )
 
 

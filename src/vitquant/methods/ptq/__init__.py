@@ -1,14 +1,18 @@
 """Post-training quantization grids over the presets of :mod:`vitquant.quant.presets`
 (FasterTransformer's ft1/ft2/ft3/trt and RepQ-ViT's repq): :func:`run_ptq`, :func:`ptq_sweep`,
-:func:`ptq_grid`; SmoothQuant's outlier migration (:mod:`.smoothquant`): :func:`smooth`,
-:func:`smooth_and_calibrate`. The PTQ core (points, calibrators, :func:`vitquant.quant.calibrate`)
-lives in :mod:`vitquant.quant`.
+:func:`ptq_grid`; SmoothQuant's outlier migration (:mod:`.smoothquant`, pass ``smooth``):
+:func:`smooth`, :func:`smooth_and_calibrate`; loss-aware ranges (:mod:`.loss_aware`, pass
+``output_mse``); accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`. The PTQ core
+(points, calibrators, :func:`vitquant.quant.calibrate`) lives in :mod:`vitquant.quant`.
 """
 
 from __future__ import annotations
 
+from vitquant.methods.ptq.fallback import FallbackConfig, FallbackReport, fallback
+from vitquant.methods.ptq.loss_aware import OutputMSE, refine_ranges
 from vitquant.methods.ptq.smoothquant import (
     SmoothLayer,
+    SmoothPass,
     smooth,
     smooth_and_calibrate,
     smoothing_report,
@@ -21,7 +25,13 @@ __all__ = [
     "ptq_grid",
     "config_label",
     "SmoothLayer",
+    "SmoothPass",
     "smooth",
     "smooth_and_calibrate",
     "smoothing_report",
+    "refine_ranges",
+    "OutputMSE",
+    "fallback",
+    "FallbackConfig",
+    "FallbackReport",
 ]

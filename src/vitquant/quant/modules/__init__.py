@@ -1,6 +1,7 @@
 """Quantized modules: drop-in replacements that keep the float modules' parameter names.
 
-* :mod:`.linear`: :class:`QuantLinear` (input / weight / after-GEMM output), :class:`QuantConv2d`;
+* :mod:`.linear`: :class:`QuantLinear` (input / weight / after-GEMM output, SmoothQuant's
+  ``smooth_scale``), :class:`QuantConv2d`;
 * :mod:`.ops`: :class:`QuantMatMul` (q·kᵀ, attn·v), :class:`QuantAdd` (residual adds),
   :class:`QuantSoftmax` (softmax input), :class:`QuantLayerNorm` (LayerNorm input);
 * :mod:`.attention`: equivalents of timm's ``Attention``/``Block``, ``nn.MultiheadAttention`` and
@@ -19,7 +20,7 @@ from vitquant.quant.modules.attention import (
     additive_mask,
 )
 from vitquant.quant.modules.base import QuantModule, apply_q
-from vitquant.quant.modules.linear import QuantConv2d, QuantLinear
+from vitquant.quant.modules.linear import QuantConv2d, QuantLinear, add_smooth_buffers
 from vitquant.quant.modules.ops import QuantAdd, QuantLayerNorm, QuantMatMul, QuantSoftmax
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "apply_q",
     "QuantLinear",
     "QuantConv2d",
+    "add_smooth_buffers",
     "QuantMatMul",
     "QuantAdd",
     "QuantSoftmax",
