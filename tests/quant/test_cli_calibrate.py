@@ -48,3 +48,43 @@ def test_calibrate_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 2 and "unknown preset" in err and len(err.strip().splitlines()) == 1
     rc = main(["calibrate", "--model", "vit_nano_patch4_28", "--wbits", "1"])
     assert rc == 2 and "wbits" in capsys.readouterr().err
+
+
+def test_calibrate_cli_default_is_robust_with_fallback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "calibrate",
+            "--model", "vit_nano_patch4_28",
+            "--data-path", "digits",
+            "--img-size", "28",
+            "--num-calib-batch", "2",
+            "--calib-batchsz", "8",
+            "--batch-size", "64",
+            "--max-eval-batches", "2",
+            "--wbits", "4", "--abits", "4",
+            "--target-agreement", "100",
+            "--fallback-bits", "float",
+            "--fallback-images", "64",
+            "--calib-output-path", str(tmp_path),
+            "--device", "cpu",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "vit_nano_patch4_28_calib.json").read_text())
+    assert result["config"]["preset"] == "robust"
+    fb = result["fallback"]
+    assert fb["layers"], "a 100% agreement target at W4A4 keeps some layer in float"
+    # what the report says was kept in float is float in the saved model
+    model = load_calibrated(tmp_path / "vit_nano_patch4_28_calib.pth")
+    kept = {layer["name"] for layer in fb["layers"]}
+    for name in kept:
+        m = model.get_submodule(name)
+        assert not any(q.enabled for q in m.modules() if hasattr(q, "enabled") and q is not m)
+
+
+def test_calibrate_cli_smooth_alpha_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["calibrate", "--model", "vit_nano_patch4_28", "--smooth-alpha", "lots"])
+    assert rc == 2 and "smooth-alpha" in capsys.readouterr().err

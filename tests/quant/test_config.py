@@ -12,7 +12,17 @@ from vitquant.quant import PRESETS, QuantConfig
 
 def test_defaults_and_aliases() -> None:
     cfg = QuantConfig()
-    assert cfg.preset == "ft2" and cfg.wbits == 8 and cfg.abits == 8
+    assert cfg.preset == "robust" and cfg.wbits == 8 and cfg.abits == 8
+    # the robust default: ft1's points, per-channel weights, SmoothQuant before the statistics
+    assert cfg.points == QuantConfig("ft1").points
+    assert cfg.effective_weight_granularity == "channel"
+    assert (
+        cfg.effective_passes == ["smooth"] and cfg.effective_pass_options["smooth"]["alpha"] == 0.5
+    )
+    # a config's own options update the preset's
+    tuned = QuantConfig(pass_options={"smooth": {"alpha": "search"}})
+    assert tuned.effective_pass_options["smooth"] == {"alpha": "search", "progress": False}
+    assert QuantConfig("ft2").effective_passes == []
     assert QuantConfig(preset="1").preset == "ft1"
     assert QuantConfig(preset="2").preset == "ft2"
     assert QuantConfig(preset=1).preset == "ft1"  # type: ignore[arg-type]

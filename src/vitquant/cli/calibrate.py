@@ -55,7 +55,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--max-eval-batches", type=int, default=0, help="0: the whole val split")
     p.add_argument(
-        "--quant-mode", default="ft2", help="ft1, ft2, ft3, trt, repq, weight_only (1/2 = ft1/ft2)"
+        "--quant-mode",
+        default="robust",
+        help="robust (default: ft1 points, per-channel weights, SmoothQuant), ft1, ft2, ft3, trt, "
+        "repq, weight_only (1/2 = ft1/ft2)",
     )
     p.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
     p.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
@@ -73,6 +76,27 @@ def add_parser(subparsers: Any) -> None:
         help="RepQ-ViT LayerNorm reparameterisation (default: the mode's)",
     )
     p.add_argument("--weight-granularity", default=None, help="tensor, channel or group:<n>")
+    p.add_argument(
+        "--passes",
+        nargs="*",
+        default=None,
+        help="calibration passes (default: the mode's): smooth, output_mse",
+    )
+    p.add_argument(
+        "--smooth-alpha",
+        default=None,
+        help="SmoothQuant migration strength 0..1, or 'search' (per layer); adds the smooth pass",
+    )
+    fb = p.add_argument_group("accuracy-driven fallback (keep the most sensitive layers higher)")
+    budget = fb.add_mutually_exclusive_group()
+    budget.add_argument("--max-drop", type=float, default=None, help="allowed top-1 drop (points)")
+    budget.add_argument(
+        "--target-agreement", type=float, default=None, help="top-1 agreement with float (%%)"
+    )
+    fb.add_argument("--fallback-bits", default="8", help="bits of kept layers: 8 or float")
+    fb.add_argument(
+        "--fallback-images", type=int, default=1000, help="validation images the budget uses"
+    )
     p.add_argument("--narrow-range", action="store_true", help="[-127, 127] signed grids")
     p.add_argument("--calib-output-path", default=".", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
@@ -99,6 +123,65 @@ def _loaders(args: argparse.Namespace, source: str, extra: dict[str, Any], in_ch
     return calib, val
 
 
+def _passes(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[str, Any]]]:
+    """``QuantConfig.passes`` / ``pass_options`` from ``--passes`` and ``--smooth-alpha``."""
+    from vitquant.errors import ConfigError
+    from vitquant.quant.presets import PRESETS, resolve_preset
+
+    passes = None if args.passes is None else list(args.passes)
+    options: dict[str, dict[str, Any]] = {}
+    if args.smooth_alpha is not None:
+        alpha: float | str = args.smooth_alpha
+        if alpha != "search":
+            try:
+                alpha = float(alpha)
+            except ValueError:
+                raise ConfigError(
+                    f"--smooth-alpha {alpha!r}: a number in 0..1 or 'search'"
+                ) from None
+        options["smooth"] = {"alpha": alpha}
+        if passes is None:
+            passes = list(PRESETS[resolve_preset(args.quant_mode)].passes)
+        if "smooth" not in passes:
+            passes.insert(0, "smooth")
+    return passes, options
+
+
+def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val: Any) -> Any:
+    """Runs :func:`vitquant.methods.ptq.fallback.fallback` on the first validation images."""
+    from vitquant.errors import ConfigError
+    from vitquant.methods.ptq.fallback import fallback
+
+    bits = args.fallback_bits
+    if str(bits).lower() == "float":
+        higher: int | None = None
+    else:
+        try:
+            higher = int(bits)
+        except ValueError:
+            raise ConfigError(f"--fallback-bits {bits!r}: 8 (or other bits) or float") from None
+    batches, seen = [], 0
+    for x, y in val:
+        if seen >= args.fallback_images:
+            break
+        batches.append((x, y))
+        seen += len(y)
+    budget = (
+        {"max_drop": args.max_drop}
+        if args.max_drop is not None
+        else {"target_agreement": args.target_agreement}
+    )
+    return fallback(
+        model,
+        qmodel,
+        batches,
+        calib_batches=list(calib),
+        higher_bits=higher,
+        progress=not args.no_progress,
+        **budget,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
     from vitquant.errors import CheckpointError, ConfigError
@@ -112,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise ConfigError("--model is required (see 'vitquant models')")
+    passes, pass_options = _passes(args)
     config = QuantConfig(
+        passes=passes,
+        pass_options=pass_options,
         preset=args.quant_mode,
         wbits=args.wbits,
         abits=args.abits,
@@ -155,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.no_progress,
     )
+    fallback_report = None
+    if args.max_drop is not None or args.target_agreement is not None:
+        fallback_report = _fallback(args, model, qmodel, calib, val)
+        row.update(evaluate(qmodel, val, device))
     print(format_summary(quant_summary(qmodel)))
     print()
     print(f"{'':10} {'top-1':>8} {'top-5':>8} {'loss':>8}   ({float_metrics['images']} images)")
@@ -177,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
         "config": row["config"],
         "calibrated_file": str(path),
     }
+    if fallback_report is not None:
+        result["fallback"] = fallback_report.to_dict()
+        print(fallback_report.table())
     json_path = out_dir / f"{args.model}_calib.json"
     write_json(json_path, result)
     print(f"wrote {path} and {json_path}")

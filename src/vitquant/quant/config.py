@@ -51,8 +51,10 @@ class QuantConfig:
     """Quantization settings for :func:`~vitquant.quant.prepare`.
 
     Args:
-        preset: ``"ft1" | "ft2" | "ft3" | "trt" | "repq" | "weight_only"`` (``"1"``/``"2"`` are
-            aliases of ft1/ft2). Chooses the enabled point kinds (``docs/ptq.md``).
+        preset: ``"robust"`` (the default: ft1's points, per-channel weights, SmoothQuant) or
+            FasterTransformer's ``"ft1" | "ft2" | "ft3" | "trt"``, ``"repq"``, ``"weight_only"``
+            (``"1"``/``"2"`` are aliases of ft1/ft2). Chooses the enabled point kinds and the
+            calibration passes (``docs/ptq.md``).
         wbits: weight bits (2..16).
         abits: activation bits (2..16).
         calibrator: default activation calibration method for :func:`calibrate`:
@@ -93,7 +95,7 @@ class QuantConfig:
         >>> cfg = QuantConfig("ft1", wbits=4, abits=4, softmax_quantizer="log2", ln_reparam=True)
     """
 
-    preset: str = "ft2"
+    preset: str = "robust"
     wbits: int = 8
     abits: int = 8
     calibrator: str = "percentile"
@@ -217,6 +219,14 @@ class QuantConfig:
     def effective_passes(self) -> list[str]:
         """The calibration passes :func:`calibrate` runs: ``passes``, else the preset's."""
         return list(PRESETS[self.preset].passes if self.passes is None else self.passes)
+
+    @property
+    def effective_pass_options(self) -> dict[str, dict[str, Any]]:
+        """Options of each pass: the preset's, updated by ``pass_options``."""
+        out = {name: dict(opts) for name, opts in PRESETS[self.preset].pass_options}
+        for name, opts in self.pass_options.items():
+            out[name] = {**out.get(name, {}), **opts}
+        return out
 
     @property
     def effective_act_symmetric(self) -> bool:

@@ -62,7 +62,7 @@ def build_passes(config: QuantConfig) -> list[CalibrationPass]:
     Raises:
         ConfigError: an unknown pass name (the closest names are listed).
     """
-    options = config.pass_options
+    options = config.effective_pass_options
     return [
         CALIBRATION_PASSES.get(name)(**dict(options.get(name, {})))
         for name in config.effective_passes

@@ -8,8 +8,11 @@ after-GEMM outputs with per-tensor weights and one scale shared by q, k and v (i
 ``qkv`` Linear has one input, one weight and one output quantizer, which *is* that sharing); ft3
 adds the residual inputs of the two adds; trt disables only layernorm/softmax/after-GEMM. ``repq``
 is vitquant's ViT-specific PTQ set (RepQ-ViT, arXiv 2212.08254): ft1's points with a log-sqrt2
-softmax-output quantizer, asymmetric activations and LayerNorm reparameterisation. The exact
-tables are in ``docs/ptq.md``.
+softmax-output quantizer, asymmetric activations and LayerNorm reparameterisation. ``robust``,
+the default of :class:`~vitquant.quant.QuantConfig`, is ft1's points with per-channel weights and
+SmoothQuant's outlier migration (the calibration pass ``smooth``, Xiao et al., arXiv
+2211.10438), which keeps models with activation outliers close to float at W8A8 and lowers to
+per-tensor int8 GEMMs. The exact tables are in ``docs/ptq.md``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Preset:
     ln_reparam: bool = False
     act_symmetric: bool = True
     passes: tuple[str, ...] = ()
+    pass_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     description: str = ""
 
 
@@ -76,6 +80,14 @@ PRESETS: dict[str, Preset] = {
         description="ViT-specific PTQ (RepQ-ViT): ft1 points, log-sqrt2 softmax, LN reparam",
     ),
     "weight_only": Preset(frozenset({"weight"}), "channel", description="weights only"),
+    "robust": Preset(
+        _GEMM,
+        "channel",
+        passes=("smooth",),
+        pass_options=(("smooth", (("alpha", 0.5), ("progress", False))),),
+        description="vitquant's default: ft1 points, per-channel weights, SmoothQuant (alpha 0.5) "
+        "folded into LayerNorm / the fc2 input",
+    ),
 }
 
 #: ``--quant-mode 1`` / ``2`` as the seed's README writes them.

@@ -325,3 +325,18 @@ def test_bad_input_is_a_clear_error(outlier_model: nn.Module, batches: list[Tens
         smooth_and_calibrate(
             prepare(copy.deepcopy(outlier_model), CFG), batches, QuantConfig("ft2"), 0.5
         )
+
+
+def test_the_default_config_is_the_robust_path(
+    outlier_model: nn.Module, batches: list[Tensor]
+) -> None:
+    # QuantConfig(wbits=8, abits=8) with calibrate()'s defaults smooths; ft1 (the same points
+    # without smoothing) does not, and loses far more on the outlier model
+    default = prepare(copy.deepcopy(outlier_model), QuantConfig(wbits=8, abits=8))
+    calibrate(default, batches, progress=False)
+    plain = prepare(copy.deepcopy(outlier_model), QuantConfig("ft1", wbits=8, abits=8))
+    calibrate(plain, batches, progress=False)
+    assert smoothing_report(default) and not smoothing_report(plain)
+    e_default = output_agreement(outlier_model, default, batches)["rel_error"]
+    e_plain = output_agreement(outlier_model, plain, batches)["rel_error"]
+    assert e_default < 0.5 * e_plain, (e_default, e_plain)

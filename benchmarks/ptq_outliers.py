@@ -1,0 +1,211 @@
+"""PTQ recipes on models with activation outliers: top-1 drop against float, per model and recipe.
+
+No pretrained ViT is reachable here, so the real-model case of the PTQ issue is built: the demo's
+float model (``make demo``: ``vit_micro_patch7_28`` on Fashion-MNIST) and copies of it with
+function-preserving outlier injection (:mod:`vitquant.models.outliers`): post-LayerNorm channel
+outliers (``ln``), one massive post-GELU channel per block (``gelu``), massive tokens in the
+residual stream (``tokens``) and all three (``all``). Each recipe calibrates on the same training
+images and is evaluated on the same test images; the float row of each model is its own.
+
+Example (after ``make demo``, which trains the float model into ``runs/demo/float``):
+    PYTHONPATH=src python benchmarks/ptq_outliers.py --kinds none ln gelu tokens all \\
+        --out benchmarks/results/ptq_outliers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import vitquant
+from vitquant.data import build_dataset, subset
+from vitquant.models.outliers import inject_outliers
+from vitquant.quant import QuantConfig, calibrate, prepare
+
+Recipe = Callable[[nn.Module, list[Tensor]], nn.Module]
+
+
+def _ptq(config: QuantConfig, **calib: Any) -> Recipe:
+    def run(model: nn.Module, batches: list[Tensor]) -> nn.Module:
+        q = prepare(copy.deepcopy(model), config)
+        calibrate(q, batches, progress=False, **calib)
+        return q
+
+    return run
+
+
+def _low(bits: int) -> Recipe:
+    return _ptq(
+        QuantConfig(
+            "robust",
+            bits,
+            bits,
+            calibrator="mse",
+            passes=["smooth", "output_mse"],
+            pass_options={"smooth": {"alpha": "search"}},
+        )
+    )
+
+
+def recipes() -> dict[str, tuple[str, Recipe]]:
+    """``{name: (what it is, recipe)}``: the seed's presets, then vitquant's robust ones."""
+    return {
+        "ft1-w8a8": ("FT mode 1, percentile 99.99", _ptq(QuantConfig("ft1", 8, 8))),
+        "ft2-w8a8": ("FT mode 2, percentile 99.99", _ptq(QuantConfig("ft2", 8, 8))),
+        "default-w8a8": ("QuantConfig(wbits=8, abits=8): the robust preset, SmoothQuant 0.5",
+                         _ptq(QuantConfig(wbits=8, abits=8))),
+        "robust-w6a6": ("robust, mse, searched SmoothQuant + output_mse", _low(6)),
+        "robust-w4a4": ("robust, mse, searched SmoothQuant + output_mse", _low(4)),
+        "repq-w6a6": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 6, 6, calibrator="mse"))),
+        "repq-w4a4": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 4, 4, calibrator="mse"))),
+    }  # fmt: skip
+
+
+def _images(ds: Any, n: int, start: int = 0) -> tuple[Tensor, Tensor]:
+    part = subset(ds, start + n, seed=0)
+    xs, ys = zip(*(part[i] for i in range(start, len(part))), strict=True)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def _batches(x: Tensor, size: int) -> list[Tensor]:
+    return [x[i : i + size] for i in range(0, len(x), size)]
+
+
+@torch.no_grad()
+def top1(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> float:
+    model.eval()
+    hits = sum(
+        int((model(xb).argmax(-1) == yb).sum())
+        for xb, yb in zip(x.split(batch), y.split(batch), strict=True)
+    )
+    return 100.0 * hits / len(y)
+
+
+def find_float(path: str | None) -> Path:
+    if path:
+        p = Path(path)
+        return p / "last.pt" if p.is_dir() else p
+    found = sorted(Path("runs/demo/float").glob("*/last.pt"))
+    if not found:
+        raise SystemExit("no float model: run 'make demo' first or pass --float RUN_DIR")
+    return found[-1]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_nncf(
+    args: argparse.Namespace, calib_x: Tensor, eval_x: Tensor, eval_y: Tensor, rows: list[dict]
+) -> list[dict[str, Any]]:
+    """Rows of ``ptq_nncf.py`` run in its own process on the saved models and the same images."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    folder = Path(args.save_models)
+    data = folder / "images.npz"
+    np.savez(data, calib_x=calib_x.numpy(), eval_x=eval_x.numpy(), eval_y=eval_y.numpy())
+    script = Path(__file__).with_name("ptq_nncf.py")
+    cmd = [sys.executable, str(script), "--models", str(folder), "--arch", args.model]
+    cmd += ["--data", str(data), "--kinds", *args.kinds]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = [ln for ln in r.stderr.strip().splitlines() if "warn" not in ln.lower()][-3:]
+        print(f"nncf: exit code {r.returncode}: {' | '.join(tail)}", flush=True)
+        return []
+    floats = {row["model"]: row["top1"] for row in rows if row["recipe"] == "float"}
+    out = []
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            row["drop"] = row["top1"] - floats[row["model"]]
+            print(f"{row['model']:7s} {'nncf-int8':14s} {row['top1']:6.2f} {row['drop']:+6.2f}")
+            out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--float", default=None, help="float run folder or checkpoint")
+    ap.add_argument("--model", default="vit_micro_patch7_28")
+    ap.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--inject-images", type=int, default=1024)
+    ap.add_argument("--eval-images", type=int, default=10000)
+    ap.add_argument("--kinds", nargs="+", default=["none", "ln", "gelu", "tokens", "all"])
+    ap.add_argument("--recipes", nargs="+", default=None, help="default: all")
+    ap.add_argument("--save-models", default=None, help="folder: float models as safetensors")
+    ap.add_argument("--nncf", action="store_true", help="also OpenVINO+NNCF int8 (own process)")
+    ap.add_argument("--out", default=None, help="JSON results")
+    args = ap.parse_args()
+    if args.nncf and not args.save_models:
+        ap.error("--nncf needs --save-models DIR (the models it quantizes)")
+    torch.manual_seed(0)
+    ckpt = find_float(args.float)
+    base = vitquant.create_model(args.model, checkpoint_path=str(ckpt)).eval()
+    train = build_dataset(args.data_path, "train", train_transform=False)
+    test = build_dataset(args.data_path, "test", train_transform=False)
+    calib_x, _ = _images(train, args.calib_images)
+    inject_x, _ = _images(train, args.inject_images, start=args.calib_images)
+    eval_x, eval_y = _images(test, args.eval_images)
+    calib = _batches(calib_x, 32)
+    table = recipes()
+    names = args.recipes or list(table)
+    rows: list[dict[str, Any]] = []
+    for kind in args.kinds:
+        model = copy.deepcopy(base)
+        t0 = time.monotonic()
+        if kind != "none":
+            kinds = ("ln", "gelu", "tokens") if kind == "all" else (kind,)
+            inject_outliers(model, _batches(inject_x, 64), kinds=kinds)
+        inject_s = time.monotonic() - t0
+        if args.save_models:
+            from safetensors.torch import save_file
+
+            Path(args.save_models).mkdir(parents=True, exist_ok=True)
+            save_file(model.state_dict(), str(Path(args.save_models) / f"{kind}.safetensors"))
+        f1 = top1(model, eval_x, eval_y)
+        rows.append(dict(model=kind, recipe="float", top1=f1, drop=0.0, seconds=inject_s))
+        print(f"{kind:7s} {'float':14s} {f1:6.2f}", flush=True)
+        for name in names:
+            t0 = time.monotonic()
+            q = table[name][1](model, calib)
+            sec = time.monotonic() - t0
+            acc = top1(q, eval_x, eval_y)
+            rows.append(dict(model=kind, recipe=name, top1=acc, drop=acc - f1, seconds=sec))
+            print(f"{kind:7s} {name:14s} {acc:6.2f} {acc - f1:+6.2f}  {sec:5.1f} s", flush=True)
+    if args.nncf:
+        rows += run_nncf(args, calib_x, eval_x, eval_y, rows)
+    report = dict(
+        cpu=cpu_name(),
+        torch=torch.__version__,
+        float_checkpoint=str(ckpt),
+        calib_images=args.calib_images,
+        eval_images=len(eval_y),
+        recipes={n: table[n][0] for n in names},
+        rows=rows,
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
