@@ -73,3 +73,29 @@ def randomize_affine(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def has_layer_scale(model: torch.nn.Module) -> bool:
     """True when ``model`` has at least one LayerScale (``init_values`` given)."""
     return any(type(m).__name__ == "LayerScale" for m in model.modules())
+
+
+def random_nano_vit(seed: int = 0) -> torch.nn.Module:
+    """The test model of the PTQ tests: ``vit_nano_patch4_28`` in eval mode with random affine
+    parameters (:func:`randomize_affine`) and 3x the init Linear weights, so that attention is not
+    uniform and quantization errors inside the blocks reach the logits."""
+    import vitquant
+
+    torch.manual_seed(seed)
+    model = vitquant.create_model("vit_nano_patch4_28").eval()
+    randomize_affine(model, seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight *= 3.0
+    return model
+
+
+def digits_batches(n: int = 128, batch_size: int = 64) -> list[torch.Tensor]:
+    """The first ``n`` images of the built-in ``digits`` training split at 28 px, in batches."""
+    from torch.utils.data import DataLoader
+
+    from vitquant.data import build_dataset, subset
+
+    ds = subset(build_dataset("digits", "train", img_size=28, train_transform=False), n, seed=0)
+    return [x for x, _ in DataLoader(ds, batch_size=batch_size)]

@@ -9,11 +9,8 @@ import copy
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-import vitquant
-from helpers import randomize_affine
-from vitquant.data import build_dataset, subset
+from helpers import digits_batches, random_nano_vit
 from vitquant.errors import ConfigError
 from vitquant.models.activation_stats import ChannelHistogram, outlier_stats, output_agreement
 from vitquant.models.outliers import (
@@ -27,23 +24,12 @@ from vitquant.quant import QuantConfig, calibrate, prepare
 Q = 99.99
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    """The nano ViT with random affine parameters and 3x the init weights: a random model whose
-    attention is not uniform, so quantization errors inside the blocks reach the logits."""
-    torch.manual_seed(seed)
-    model = vitquant.create_model("vit_nano_patch4_28").eval()
-    randomize_affine(model, seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight *= 3.0
-    return model
+make_model = random_nano_vit
 
 
 @pytest.fixture(scope="module")
 def batches() -> list[Tensor]:
-    ds = subset(build_dataset("digits", "train", img_size=28, train_transform=False), 128, seed=0)
-    return [x for x, _ in DataLoader(ds, batch_size=64)]
+    return digits_batches()
 
 
 def captured(model: nn.Module, name: str, batches: list[Tensor]) -> Tensor:

@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-import vitquant
-from helpers import randomize_affine
+from helpers import digits_batches, random_nano_vit
 from vitquant.cli import main
-from vitquant.data import build_dataset, subset
 from vitquant.errors import ConfigError, DataError
 from vitquant.models.outliers import inject_gelu_outliers
 from vitquant.quant import QuantConfig, calibrate, named_quantizers, prepare, quantization_disabled
@@ -27,23 +24,12 @@ CONFIG = QuantConfig("ft1", wbits=8, abits=8)
 FC2 = "blocks.0.mlp.fc2"
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    """A random nano ViT (random affine parameters, 3x the init weights: attention that is not
-    uniform, so errors inside the blocks reach the logits)."""
-    torch.manual_seed(seed)
-    model = vitquant.create_model("vit_nano_patch4_28").eval()
-    randomize_affine(model, seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight *= 3.0
-    return model
+make_model = random_nano_vit
 
 
 @pytest.fixture(scope="module")
 def batches() -> list[Tensor]:
-    ds = subset(build_dataset("digits", "train", img_size=28, train_transform=False), 128, seed=0)
-    return [x for x, _ in DataLoader(ds, batch_size=64)]
+    return digits_batches()
 
 
 @pytest.fixture(scope="module")

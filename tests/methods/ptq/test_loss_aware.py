@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import vitquant
-from helpers import randomize_affine
+from helpers import random_nano_vit
 from vitquant.errors import ConfigError, DataError
 from vitquant.methods.ptq.loss_aware import candidate_ratios, refine_ranges
 from vitquant.models.activation_stats import output_agreement
@@ -19,15 +19,7 @@ from vitquant.quant import QuantConfig, calibrate, named_quantizers, prepare
 CONFIG = dict(preset="ft1", wbits=8, abits=8, calibrator="max")
 
 
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = vitquant.create_model("vit_nano_patch4_28")
-    randomize_affine(model, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 2:
-                p.mul_(3.0)
-    return model.eval()
+make_model = random_nano_vit
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-import vitquant
-from helpers import randomize_affine
-from vitquant.data import build_dataset, subset
+from helpers import digits_batches, random_nano_vit, randomize_affine
 from vitquant.errors import ConfigError, DataError
 from vitquant.export.io import load_quantized, save_quantized
 from vitquant.methods.ptq import smooth, smooth_and_calibrate, smoothing_report
@@ -29,22 +26,12 @@ BACKENDS = ["reference", "intmm"] + (["onednn"] if onednn_available() else [])
 CFG = QuantConfig("ft1", wbits=8, abits=8)
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    """The nano ViT of tests/models/test_outliers.py: random affine parameters, 3x weights."""
-    torch.manual_seed(seed)
-    model = vitquant.create_model("vit_nano_patch4_28").eval()
-    randomize_affine(model, seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight *= 3.0
-    return model
+make_model = random_nano_vit
 
 
 @pytest.fixture(scope="module")
 def batches() -> list[Tensor]:
-    ds = subset(build_dataset("digits", "train", img_size=28, train_transform=False), 128, seed=0)
-    return [x for x, _ in DataLoader(ds, batch_size=64)]
+    return digits_batches()
 
 
 @pytest.fixture(scope="module")
