@@ -31,6 +31,9 @@ sees the smoothed activations and the search uses the config's quantizers. Three
   :func:`vitquant.quant.calibrate`, before the statistics;
 * :func:`smooth_and_calibrate`: ``prepare`` (if needed), :func:`smooth`, ``calibrate``;
 * :func:`smooth` then :func:`vitquant.quant.calibrate`.
+
+Length: just over 500 lines because the statistics, the per-layer search and the calibration
+pass share their records; the folds themselves live in :mod:`vitquant.quant.reparam`.
 """
 
 from __future__ import annotations
