@@ -22,7 +22,6 @@ from vitquant.errors import ConfigError, DataError
 from vitquant.models.layers import Add, MatMul
 from vitquant.quant.calibrators import CALIBRATION_METHODS
 from vitquant.quant.config import QuantConfig
-from vitquant.quant.passes import build_passes
 from vitquant.quant.granularity import PerChannel, PerGroup, PerTensor
 from vitquant.quant.modules import (
     QuantAdd,
@@ -37,6 +36,7 @@ from vitquant.quant.modules import (
     QuantSoftmax,
     QuantTransformerEncoderLayer,
 )
+from vitquant.quant.passes import build_passes
 from vitquant.quant.quantizers import QUANTIZERS, Quantizer
 from vitquant.quant.reparam import apply_reparam, prepare_reparam
 

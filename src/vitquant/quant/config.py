@@ -15,8 +15,8 @@ from typing import Any
 from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
 from vitquant.quant.calibrators import CALIBRATION_METHODS
-from vitquant.quant.presets import POINT_KINDS, PRESETS, resolve_preset
 from vitquant.quant.passes import CALIBRATION_PASSES
+from vitquant.quant.presets import POINT_KINDS, PRESETS, resolve_preset
 from vitquant.quant.quantizers import QUANTIZERS
 
 __all__ = ["QuantConfig", "CONFIG_VERSION", "OVERRIDE_KEYS"]

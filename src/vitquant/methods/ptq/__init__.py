@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from vitquant.methods.ptq.fallback import FallbackConfig, FallbackReport, fallback
 from vitquant.methods.ptq.loss_aware import OutputMSE, refine_ranges
+from vitquant.methods.ptq.reconstruct import (
+    BlockReport,
+    ReconstructConfig,
+    ReconstructReport,
+    reconstruct,
+)
 from vitquant.methods.ptq.smoothquant import (
     SmoothLayer,
     SmoothPass,
@@ -34,4 +40,8 @@ __all__ = [
     "fallback",
     "FallbackConfig",
     "FallbackReport",
+    "reconstruct",
+    "ReconstructConfig",
+    "ReconstructReport",
+    "BlockReport",
 ]
