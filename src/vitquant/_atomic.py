@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_json"]
 
 
 def atomic_write(
@@ -43,3 +43,11 @@ def atomic_write(
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)``, atomically."""
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Writes ``obj`` as indented, strict JSON (no NaN), atomically; returns the path."""
+    import json
+
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

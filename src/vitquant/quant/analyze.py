@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitquant._atomic import atomic_write
+from vitquant._atomic import atomic_write, atomic_write_json
 from vitquant.errors import ConfigError, DataError
 from vitquant.models.activation_stats import ChannelHistogram, ChannelStats
 from vitquant.quant import (
@@ -176,8 +176,7 @@ class AnalysisReport:
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Writes the report as JSON (atomically); returns the path."""
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> AnalysisReport:

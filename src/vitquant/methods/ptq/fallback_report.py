@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vitquant._atomic import atomic_write
+from vitquant._atomic import atomic_write_json
 from vitquant.errors import ConfigError, DataError
 from vitquant.quant import (
     QuantConfig,
@@ -259,8 +259,7 @@ class FallbackReport:
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Writes the report as JSON (atomically); returns the path."""
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> FallbackReport:
