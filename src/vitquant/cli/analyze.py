@@ -53,7 +53,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
     p.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
     p.add_argument(
-        "--calibrator", default="percentile", help="max, percentile, mse or entropy (activations)"
+        "--calibrator", default=None,
+        help="max, percentile, mse or entropy (activations; default: the preset's)",
     )
     p.add_argument("--percentile", type=float, default=99.99, help="also the outlier statistic")
     p.add_argument("--top-k", type=int, default=4, help="channels reported per point")

@@ -58,12 +58,15 @@ def add_parser(subparsers: Any) -> None:
         "--quant-mode",
         default="robust",
         help="robust (default: ft1 points, per-channel weights, SmoothQuant), ft1, ft2, ft3, trt, "
-        "repq, weight_only (1/2 = ft1/ft2)",
+        "repq, weight_only, lowbit (best PTQ at 6 bits and below: SmoothQuant search, output-MSE "
+        "ranges, block reconstruction) (1/2 = ft1/ft2)",
     )
     p.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
     p.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
     p.add_argument(
-        "--calibrator", default="percentile", help="max, percentile, mse or entropy (activations)"
+        "--calibrator", default=None,
+        help="max, percentile, mse or entropy (activations; default: the preset's, percentile "
+        "but mse in lowbit)",
     )
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument(
@@ -80,12 +83,21 @@ def add_parser(subparsers: Any) -> None:
         "--passes",
         nargs="*",
         default=None,
-        help="calibration passes (default: the mode's): smooth, output_mse",
+        help="calibration passes (default: the mode's): smooth, output_mse, reconstruct",
     )
     p.add_argument(
         "--smooth-alpha",
         default=None,
         help="SmoothQuant migration strength 0..1, or 'search' (per layer); adds the smooth pass",
+    )
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="block reconstruction after calibration (AdaRound/BRECQ; adds the reconstruct pass, "
+        "which --quant-mode lowbit has)",
+    )
+    p.add_argument(
+        "--reconstruct-iters", type=int, default=None, help="reconstruction steps per block"
     )
     fb = p.add_argument_group("accuracy-driven fallback (keep the most sensitive layers higher)")
     budget = fb.add_mutually_exclusive_group()
@@ -144,6 +156,17 @@ def _passes(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[
             passes = list(PRESETS[resolve_preset(args.quant_mode)].passes)
         if "smooth" not in passes:
             passes.insert(0, "smooth")
+    if args.reconstruct or args.reconstruct_iters is not None:
+        if passes is None:
+            passes = list(PRESETS[resolve_preset(args.quant_mode)].passes)
+        if "reconstruct" not in passes:
+            passes.append("reconstruct")
+        rec: dict[str, Any] = {"progress": not args.no_progress}
+        if args.reconstruct_iters is not None:
+            if args.reconstruct_iters < 1:
+                raise ConfigError("--reconstruct-iters must be at least 1")
+            rec["iterations"] = args.reconstruct_iters
+        options["reconstruct"] = rec
     return passes, options
 
 

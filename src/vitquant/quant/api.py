@@ -337,7 +337,7 @@ def calibrate(
     if config is None and not quantizers:
         raise ConfigError("the model is not prepared for quantization: call prepare() first")
     config = config or QuantConfig()
-    method = method or config.calibrator
+    method = method or config.effective_calibrator
     for what, m in (("method", method), ("weight_method", weight_method)):
         if m not in CALIBRATION_METHODS:
             raise ConfigError(

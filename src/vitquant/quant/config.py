@@ -58,7 +58,8 @@ class QuantConfig:
         wbits: weight bits (2..16).
         abits: activation bits (2..16).
         calibrator: default activation calibration method for :func:`calibrate`:
-            ``"max" | "percentile" | "mse" | "entropy"``.
+            ``"max" | "percentile" | "mse" | "entropy"``; None: the preset's (percentile, MSE
+            in ``lowbit``).
         percentile: percentile for the ``percentile`` calibrator.
         num_bins: histogram bins of the histogram calibrators.
         weight_granularity: ``"tensor" | "channel" | "group:<size>"``; None: the preset's
@@ -98,7 +99,7 @@ class QuantConfig:
     preset: str = "robust"
     wbits: int = 8
     abits: int = 8
-    calibrator: str = "percentile"
+    calibrator: str | None = None
     percentile: float = 99.99
     num_bins: int = 2048
     weight_granularity: str | None = None
@@ -128,7 +129,7 @@ class QuantConfig:
         self.abits = P.check_bits(self.abits, what="abits")
         if self.softmax_bits is not None:
             self.softmax_bits = P.check_bits(self.softmax_bits, what="softmax_bits")
-        if self.calibrator not in CALIBRATION_METHODS:
+        if self.calibrator is not None and self.calibrator not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"unknown calibrator {self.calibrator!r}; use one of "
                 f"{', '.join(CALIBRATION_METHODS)}"
@@ -214,6 +215,11 @@ class QuantConfig:
         if self.ln_reparam is None:
             return PRESETS[self.preset].ln_reparam
         return bool(self.ln_reparam)
+
+    @property
+    def effective_calibrator(self) -> str:
+        """The activation calibrator :func:`calibrate` uses: ``calibrator``, else the preset's."""
+        return self.calibrator or PRESETS[self.preset].calibrator
 
     @property
     def effective_passes(self) -> list[str]:

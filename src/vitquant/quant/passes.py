@@ -38,6 +38,8 @@ class CalibrationPass:
     """
 
     name = ""
+    #: run after every pass without this flag, whatever order the config names them in
+    runs_last = False
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)
@@ -63,7 +65,8 @@ def build_passes(config: QuantConfig) -> list[CalibrationPass]:
         ConfigError: an unknown pass name (the closest names are listed).
     """
     options = config.effective_pass_options
-    return [
+    built = [
         CALIBRATION_PASSES.get(name)(**dict(options.get(name, {})))
         for name in config.effective_passes
     ]
+    return sorted(built, key=lambda p: bool(p.runs_last))  # stable: config order otherwise

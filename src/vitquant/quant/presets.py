@@ -49,6 +49,7 @@ class Preset:
     softmax_quantizer: str = "uniform"
     ln_reparam: bool = False
     act_symmetric: bool = True
+    calibrator: str = "percentile"
     passes: tuple[str, ...] = ()
     pass_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     description: str = ""
@@ -87,6 +88,18 @@ PRESETS: dict[str, Preset] = {
         pass_options=(("smooth", (("alpha", 0.5), ("progress", False))),),
         description="vitquant's default: ft1 points, per-channel weights, SmoothQuant (alpha 0.5) "
         "folded into LayerNorm / the fc2 input",
+    ),
+    "lowbit": Preset(
+        _GEMM,
+        "channel",
+        calibrator="mse",
+        passes=("smooth", "output_mse", "reconstruct"),
+        pass_options=(
+            ("smooth", (("alpha", "search"), ("progress", False))),
+            ("reconstruct", (("iterations", 200), ("batch_size", 16))),
+        ),
+        description="vitquant's best PTQ at 6 bits and below: robust + MSE ranges, SmoothQuant "
+        "strength searched per layer, output-MSE ranges, block reconstruction (AdaRound/BRECQ)",
     ),
 }
 

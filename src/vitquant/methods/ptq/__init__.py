@@ -2,7 +2,8 @@
 (FasterTransformer's ft1/ft2/ft3/trt and RepQ-ViT's repq): :func:`run_ptq`, :func:`ptq_sweep`,
 :func:`ptq_grid`; SmoothQuant's outlier migration (:mod:`.smoothquant`, pass ``smooth``):
 :func:`smooth`, :func:`smooth_and_calibrate`; loss-aware ranges (:mod:`.loss_aware`, pass
-``output_mse``); accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`. The PTQ core
+``output_mse``); block reconstruction (:mod:`.reconstruct`, pass ``reconstruct``,
+:func:`reconstruct`); accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`. The PTQ core
 (points, calibrators, :func:`vitquant.quant.calibrate`) lives in :mod:`vitquant.quant`.
 """
 
@@ -16,6 +17,7 @@ from vitquant.methods.ptq.reconstruct import (
     ReconstructReport,
     reconstruct,
 )
+from vitquant.methods.ptq.reconstruct_pass import ReconstructPass, reconstruct_report
 from vitquant.methods.ptq.smoothquant import (
     SmoothLayer,
     SmoothPass,
@@ -44,4 +46,6 @@ __all__ = [
     "ReconstructConfig",
     "ReconstructReport",
     "BlockReport",
+    "ReconstructPass",
+    "reconstruct_report",
 ]

@@ -351,7 +351,7 @@ def fallback(
     calib = None if calib_batches is None else _take(calib_batches, dev, "calibration")[0]
     if sensitivity is not None and not isinstance(sensitivity, AnalysisReport):
         raise ConfigError(f"sensitivity must be an AnalysisReport, not {type(sensitivity)}")
-    method = cfg.method or qcfg.calibrator
+    method = cfg.method or qcfg.effective_calibrator
     percentile = qcfg.percentile if cfg.percentile is None else float(cfg.percentile)
     env = {"calib": calib, "method": method, "percentile": percentile, "num_bins": qcfg.num_bins}
     modes = (model_float.training, model_quantized.training)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from vitquant.errors import ConfigError, DataError
 from vitquant.quant.api import batch_input, named_quantizers, quantization_disabled
 from vitquant.quant.modules import QuantLinear, QuantMatMul
+from vitquant.quant.modules.linear import SMOOTH_BUFFER
 from vitquant.quant.passes import CALIBRATION_PASSES, CalibrationPass
 from vitquant.quant.quantizers import Quantizer
 from vitquant.quant.quantizers.base import gran_kind
@@ -219,6 +220,9 @@ def _refine_linear(
     m: QuantLinear, inputs: list[list[Tensor]], names: dict[int, str], ratios: Tensor
 ) -> list[RangeChoice]:
     x = torch.cat([i[0] for i in inputs])
+    smooth = m._buffers.get(SMOOTH_BUFFER)
+    if smooth is not None:  # the quantizer sees the smoothed input x / s (QuantLinear.forward)
+        x = x / smooth
     w = m.weight
     wq = m.weight_quantizer(w) if m.weight_quantizer is not None else w
     ref = F.linear(x, w)

@@ -383,7 +383,7 @@ def smooth(
         )
     config = config or QuantConfig()
     grid = _grid(alpha, alphas)
-    method = method or config.calibrator
+    method = method or config.effective_calibrator
     _check_method("method", method)
     _check_method("weight_method", weight_method)
     percentile = config.percentile if percentile is None else float(percentile)

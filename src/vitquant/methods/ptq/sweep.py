@@ -22,7 +22,8 @@ __all__ = ["run_ptq", "ptq_sweep", "ptq_grid", "config_label"]
 
 def config_label(cfg: QuantConfig) -> str:
     """Short label: ``W8A8 ft2 percentile(99.99)`` plus ViT-specific options when set."""
-    cal = cfg.calibrator + (f"({cfg.percentile:g})" if cfg.calibrator == "percentile" else "")
+    c = cfg.effective_calibrator
+    cal = c + (f"({cfg.percentile:g})" if c == "percentile" else "")
     parts = [f"W{cfg.wbits}A{cfg.abits}", cfg.preset, cal]
     if cfg.effective_softmax_quantizer != "uniform":
         parts.append(f"softmax={cfg.effective_softmax_quantizer}")
