@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import import_timm
+from vitquant._optional import import_torchvision
 from vitquant.data import PilEvalTransform, PilTrainTransform, TensorTransform
 from vitquant.data.keys import SampleKey, sample_generator
 from vitquant.data.tensor_transforms import convert_channels, resize_square
@@ -22,7 +22,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @pytest.fixture(scope="module")
 def tvt() -> types.ModuleType:
-    import_timm()  # makes torchvision importable on the CPU-only torch
+    import_torchvision()  # checked against torch, importable on the CPU-only torch
     import torchvision.transforms as T
 
     return T

@@ -2,9 +2,14 @@
 
 The layout of torchvision's ``ImageFolder`` as DeiT (Touvron et al., 2021, arXiv 2012.12877) and
 the FasterTransformer ViT example read ImageNet: one sub-folder per class, classes sorted by
-name, labels their position. Images are found recursively inside each class folder. The
-validation split takes its class list from the training split when both exist, so that a class
-missing from ``val/`` does not shift the labels.
+name, labels their position. The images of a split are listed by torchvision's own
+``torchvision.datasets.folder.make_dataset`` (recursive, sorted, torchvision's ``IMG_EXTENSIONS``),
+so sample ``i`` is the same image as in ``torchvision.datasets.ImageFolder``; torchvision is
+imported through :func:`vitquant._optional.import_torchvision` (a clear error when it is missing
+or mismatched). What stays here: the split folders, the validation split taking its class list
+from the training split (a class missing from ``val/`` does not shift the labels), hidden class
+folders (``.ipynb_checkpoints``) skipped, and one-line :class:`~vitquant.errors.DataError`
+messages instead of torchvision's ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -14,19 +19,19 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vitquant._optional import import_torchvision
 from vitquant.data.base import DatasetInfo, Transform, VisionDataset
 from vitquant.errors import DataError
 
 __all__ = [
-    "IMG_EXTENSIONS",
     "SPLIT_DIRS",
     "find_classes",
     "find_split_dir",
+    "list_images",
     "ImageFolderDataset",
     "open_image",
 ]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test")}
 
 
@@ -59,6 +64,26 @@ def find_classes(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
+def list_images(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """``(path, label)`` of every image under the class folders of ``folder``, torchvision's way.
+
+    Classes of ``class_to_idx`` without a folder (or without images) are allowed: the validation
+    split may lack some classes of the training split.
+
+    Raises:
+        DataError: there is no image at all (the message lists the extensions looked for).
+        MissingDependencyError: torchvision is missing or mismatched.
+    """
+    import_torchvision()
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        exts = ", ".join(IMG_EXTENSIONS)
+        raise DataError(f"image folder {folder} has no images ({exts}) in its class folders")
+    return samples
+
+
 class ImageFolderDataset(VisionDataset):
     """The images of one split folder, labelled by class folder.
 
@@ -71,6 +96,7 @@ class ImageFolderDataset(VisionDataset):
 
     Raises:
         DataError: missing folder, no class folders, unknown class, or no images at all.
+        MissingDependencyError: torchvision is missing or mismatched (listing the images needs it).
     """
 
     def __init__(
@@ -92,16 +118,7 @@ class ImageFolderDataset(VisionDataset):
                 f"class folder {folder / unknown[0]} is not a class of the training split"
             )
         index = {c: i for i, c in enumerate(classes)}
-        samples: list[tuple[str, int]] = []
-        for c in found:
-            for dirpath, dirnames, filenames in os.walk(folder / c, followlinks=True):
-                dirnames.sort()
-                for f in sorted(filenames):
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        samples.append((os.path.join(dirpath, f), index[c]))
-        if not samples:
-            exts = ", ".join(IMG_EXTENSIONS)
-            raise DataError(f"image folder {folder} has no images ({exts}) in its class folders")
+        samples = list_images(folder, {c: index[c] for c in found})
         self.folder = folder
         self.samples = samples
         self.targets = [t for _, t in samples]

@@ -1,4 +1,4 @@
-"""Image transforms on PIL images, without torchvision.
+"""Image transforms on PIL images: torchvision's ``transforms.v2`` ops, driven by keyed randomness.
 
 Training follows the Inception-style augmentation used by DeiT (Touvron et al., 2021, arXiv
 2012.12877) and timm: a random resized crop (Szegedy et al., "Going deeper with convolutions",
@@ -7,22 +7,30 @@ then a centre crop) and a horizontal flip. Evaluation resizes the shorter side t
 ``int(img_size / crop_pct)`` and takes the centre crop (DeiT: ``crop_pct = 0.875``;
 FasterTransformer's ViT: ``crop_pct = 1`` and mean = std = 0.5).
 
-Every random transform takes an optional ``torch.Generator``: the datasets pass the generator of
-the sample's key (:mod:`vitquant.data.keys`), so the augmentation of a sample is reproducible.
-The random numbers are drawn in the same order as torchvision's ``RandomResizedCrop`` and
-``RandomHorizontalFlip``, so that the tests can check the crops against torchvision.
+The pixel work is torchvision's (``torchvision.transforms.v2.functional``: ``resized_crop``,
+``horizontal_flip``, ``resize``, ``center_crop``, ``pil_to_tensor``, ``to_dtype``,
+``normalize``), imported through :func:`vitquant._optional.import_torchvision` when a transform is
+built, so a missing or mismatched torchvision is a clear error there. What stays here is the
+randomness: torchvision's random transforms draw from the global RNG, while every random draw
+here takes an optional ``torch.Generator`` (the datasets pass the generator of the sample's key,
+:mod:`vitquant.data.keys`), so the augmentation of a sample is reproducible and a resumed run
+sees the same crops. The numbers are drawn in the same order as torchvision's
+``RandomResizedCrop`` and ``RandomHorizontalFlip``, so with the global RNG both give the same
+crops (the tests check it). The box sampler and the coin need no torchvision (the uint8 tensor
+transforms of :mod:`vitquant.data.tensor_transforms` use them).
 """
 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from vitquant._optional import import_torchvision
 from vitquant.errors import ConfigError
 
 __all__ = [
@@ -35,8 +43,6 @@ __all__ = [
     "check_crop_args",
     "sample_rrc_box",
     "coin",
-    "pil_to_tensor",
-    "normalize_",
     "PilTrainTransform",
     "PilEvalTransform",
 ]
@@ -50,11 +56,8 @@ _NORM_PRESETS = {
     "inception": (INCEPTION_MEAN, INCEPTION_STD),
     "half": (INCEPTION_MEAN, INCEPTION_STD),
 }
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+"""Names of the resampling filters (torchvision's ``InterpolationMode`` values; PIL's filters)."""
 
 
 def resolve_norm(
@@ -172,33 +175,30 @@ def coin(generator: torch.Generator | None, p: float = 0.5) -> bool:
     return bool(torch.rand(1, generator=generator).item() < p)
 
 
-def pil_to_tensor(img: Image.Image) -> Tensor:
-    """uint8 tensor ``[C, H, W]`` holding the pixels of ``img``."""
-    arr = np.array(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+def _functional() -> types.ModuleType:
+    """``torchvision.transforms.v2.functional`` (the clear error of the importer when missing)."""
+    import_torchvision()
+    from torchvision.transforms.v2 import functional
+
+    return functional
 
 
-def normalize_(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """``(x / 255 - mean) / std`` per channel of a ``[C, H, W]`` tensor, as float32.
-
-    Args:
-        x: pixels in ``[0, 255]`` (uint8 or float), channels first.
-        mean: per-channel mean of the ``[0, 1]`` pixels.
-        std: per-channel std of the ``[0, 1]`` pixels.
-
-    Returns:
-        A float32 tensor (``x`` itself is modified when it already is float32).
-    """
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-    return x.to(torch.float32).mul_(scale).add_(shift)
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
 
 
 def _convert_mode(img: Image.Image, in_chans: int) -> Image.Image:
     mode = "L" if in_chans == 1 else "RGB"
     return img if img.mode == mode else img.convert(mode)
+
+
+def _to_normalized_tensor(
+    F: types.ModuleType, img: Image.Image, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """float32 ``[C, H, W]``: ``(pixels / 255 - mean) / std`` (ToImage, ToDtype, Normalize)."""
+    x = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
+    return F.normalize(x, list(mean), list(std))
 
 
 class PilTrainTransform:
@@ -215,6 +215,11 @@ class PilTrainTransform:
         interpolation: ``"bicubic"`` (DeiT), ``"bilinear"`` or ``"nearest"``.
         augment: ``"rrc"`` (the above) or ``"none"`` (then this is the evaluation transform).
         crop_pct: evaluation crop fraction, used when ``augment="none"``.
+
+    Raises:
+        ConfigError: impossible sizes or ranges, an unknown interpolation, or torchvision missing
+            or not the one made for the installed torch
+            (:class:`~vitquant._optional.MissingDependencyError`).
     """
 
     def __init__(
@@ -232,8 +237,7 @@ class PilTrainTransform:
         crop_pct: float = 0.875,
     ) -> None:
         check_crop_args(img_size, crop_pct, scale, ratio)
-        if interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        _check_interpolation(interpolation)
         self.img_size = int(img_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.in_chans = in_chans
@@ -248,14 +252,14 @@ class PilTrainTransform:
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> Tensor:
         if self.augment == "none":
             return self.eval(img)
+        F = _functional()
         img = _convert_mode(img, self.in_chans)
         left, top, w, h = sample_rrc_box(img.width, img.height, self.scale, self.ratio, generator)
-        size = (self.img_size, self.img_size)
-        img = img.crop((left, top, left + w, top + h))
-        img = img.resize(size, INTERPOLATIONS[self.interpolation])
+        size = [self.img_size, self.img_size]
+        img = F.resized_crop(img, top, left, h, w, size, interpolation=self.interpolation)
         if self.hflip > 0 and coin(generator, self.hflip):
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return normalize_(pil_to_tensor(img), self.mean, self.std)
+            img = F.horizontal_flip(img)
+        return _to_normalized_tensor(F, img, self.mean, self.std)
 
 
 class PilEvalTransform:
@@ -268,6 +272,10 @@ class PilEvalTransform:
         in_chans: 3 (RGB) or 1 (grey).
         crop_pct: fraction of the resized image kept by the centre crop (DeiT: 0.875).
         interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
+
+    Raises:
+        ConfigError: impossible size or crop fraction, unknown interpolation, or torchvision
+            missing or mismatched (as :class:`PilTrainTransform`).
     """
 
     def __init__(
@@ -281,8 +289,8 @@ class PilEvalTransform:
         interpolation: str = "bicubic",
     ) -> None:
         check_crop_args(img_size, crop_pct, (1.0, 1.0), (1.0, 1.0))
-        if interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        _check_interpolation(interpolation)
+        _functional()  # a missing or mismatched torchvision fails here, not in a loader worker
         self.img_size = int(img_size)
         self.resize_to = int(img_size / crop_pct)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -291,15 +299,8 @@ class PilEvalTransform:
         self.interpolation = interpolation
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> Tensor:
+        F = _functional()
         img = _convert_mode(img, self.in_chans)
-        w, h = img.size
-        short, long_ = (w, h) if w <= h else (h, w)
-        if short != self.resize_to:
-            new_long = int(self.resize_to * long_ / short)
-            size = (self.resize_to, new_long) if w <= h else (new_long, self.resize_to)
-            img = img.resize(size, INTERPOLATIONS[self.interpolation])
-        w, h = img.size
-        s = self.img_size
-        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        img = img.crop((left, top, left + s, top + s))
-        return normalize_(pil_to_tensor(img), self.mean, self.std)
+        img = F.resize(img, [self.resize_to], interpolation=self.interpolation)
+        img = F.center_crop(img, [self.img_size, self.img_size])
+        return _to_normalized_tensor(F, img, self.mean, self.std)

@@ -35,7 +35,9 @@ from vitquant.quant.modules import (
     QuantMultiheadAttention,
     QuantSoftmax,
     QuantTransformerEncoderLayer,
+    swap_hf_layers,
 )
+from vitquant.quant.modules.torchvision import is_torchvision_encoder_block, swap_torchvision_blocks
 from vitquant.quant.passes import build_passes
 from vitquant.quant.quantizers import QUANTIZERS, Quantizer
 from vitquant.quant.reparam import apply_reparam, prepare_reparam
@@ -80,6 +82,8 @@ def _swap_if_same_state(model: nn.Module, fqn: str, old: nn.Module, new: nn.Modu
 
 
 def _swap_structures(model: nn.Module) -> None:
+    swap_torchvision_blocks(model)  # torchvision ViT EncoderBlocks (quant/modules/torchvision.py)
+    swap_hf_layers(model)  # transformers ViT/DeiT layers -> vitquant blocks (quant/modules/hf.py)
     block_attrs = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
     for fqn, m in list(model.named_modules()):
         if fqn and _is_timm(m, "Block", block_attrs):
@@ -108,6 +112,8 @@ def _swap_structures(model: nn.Module) -> None:
 def _is_block(m: nn.Module) -> bool:
     """Transformer blocks whose LayerNorms are FasterTransformer's ``layernorm_input`` points."""
     if isinstance(m, (QuantBlock, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return True
+    if is_torchvision_encoder_block(m):
         return True
     name = type(m).__name__
     return (name == "Block" and hasattr(m, "attn")) or (

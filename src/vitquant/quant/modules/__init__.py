@@ -5,7 +5,8 @@
 * :mod:`.ops`: :class:`QuantMatMul` (q·kᵀ, attn·v), :class:`QuantAdd` (residual adds),
   :class:`QuantSoftmax` (softmax input), :class:`QuantLayerNorm` (LayerNorm input);
 * :mod:`.attention`: equivalents of timm's ``Attention``/``Block``, ``nn.MultiheadAttention`` and
-  ``nn.TransformerEncoderLayer`` that expose those ops.
+  ``nn.TransformerEncoderLayer`` that expose those ops;
+* :mod:`.hf`: ``transformers`` ViT/DeiT layers turned, in place, into vitquant blocks.
 
 The quantizer slots follow the FasterTransformer ViT example (see ``docs/ptq.md``).
 """
@@ -20,6 +21,7 @@ from vitquant.quant.modules.attention import (
     additive_mask,
 )
 from vitquant.quant.modules.base import QuantModule, apply_q
+from vitquant.quant.modules.hf import QuantHFLayer, swap_hf_layers
 from vitquant.quant.modules.linear import QuantConv2d, QuantLinear, add_smooth_buffers
 from vitquant.quant.modules.ops import QuantAdd, QuantLayerNorm, QuantMatMul, QuantSoftmax
 
@@ -38,4 +40,6 @@ __all__ = [
     "QuantMultiheadAttention",
     "QuantTransformerEncoderLayer",
     "additive_mask",
+    "QuantHFLayer",
+    "swap_hf_layers",
 ]
