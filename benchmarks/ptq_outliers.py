@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import time
@@ -43,30 +44,46 @@ def _ptq(config: QuantConfig, **calib: Any) -> Recipe:
     return run
 
 
-def _low(bits: int) -> Recipe:
-    return _ptq(
-        QuantConfig(
-            "robust",
-            bits,
-            bits,
-            calibrator="mse",
-            passes=["smooth", "output_mse"],
-            pass_options={"smooth": {"alpha": "search"}},
-        )
-    )
+def _fallback(bits: int, max_drop: float, val: list[tuple[Tensor, Tensor]]) -> Recipe:
+    """``lowbit`` at ``bits`` with the accuracy-driven fallback on held-out labelled images:
+    calibrated without reconstruction, fallback (8-bit layers) until the drop on ``val`` is at
+    most ``max_drop``, then reconstruction (as ``vitquant calibrate --max-drop`` orders it)."""
+
+    def run(model: nn.Module, batches: list[Tensor]) -> nn.Module:
+        from vitquant.methods.ptq import ReconstructPass, fallback
+
+        cfg = QuantConfig("lowbit", bits, bits)
+        first = dataclasses.replace(cfg, passes=["smooth", "output_mse"])
+        q = prepare(copy.deepcopy(model), first)
+        calibrate(q, batches, progress=False)
+        report = fallback(model, q, val, calib_batches=batches, max_drop=max_drop, progress=False)
+        LAST_FALLBACK[:] = [layer.name for layer in report.layers]
+        options = cfg.effective_pass_options["reconstruct"]
+        ReconstructPass(**{**options, "progress": False}).after_ranges(q, batches, cfg)
+        return q
+
+    return run
 
 
-def recipes() -> dict[str, tuple[str, Recipe]]:
+LAST_FALLBACK: list[str] = []  # the layers the last fallback recipe kept at 8 bits
+
+
+def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
     """``{name: (what it is, recipe)}``: the seed's presets, then vitquant's robust ones."""
+    quiet = {"reconstruct": {"progress": False}}
     return {
         "ft1-w8a8": ("FT mode 1, percentile 99.99", _ptq(QuantConfig("ft1", 8, 8))),
         "ft2-w8a8": ("FT mode 2, percentile 99.99", _ptq(QuantConfig("ft2", 8, 8))),
         "default-w8a8": ("QuantConfig(wbits=8, abits=8): the robust preset, SmoothQuant 0.5",
                          _ptq(QuantConfig(wbits=8, abits=8))),
-        "robust-w6a6": ("robust, mse, searched SmoothQuant + output_mse", _low(6)),
-        "robust-w4a4": ("robust, mse, searched SmoothQuant + output_mse", _low(4)),
         "repq-w6a6": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 6, 6, calibrator="mse"))),
+        "lowbit-w6a6": ("lowbit preset: mse, searched SmoothQuant, output_mse, reconstruction",
+                        _ptq(QuantConfig("lowbit", 6, 6, pass_options=quiet))),
         "repq-w4a4": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 4, 4, calibrator="mse"))),
+        "lowbit-w4a4": ("lowbit preset: mse, searched SmoothQuant, output_mse, reconstruction",
+                        _ptq(QuantConfig("lowbit", 4, 4, pass_options=quiet))),
+        "lowbit-w4a4-fb": ("lowbit W4A4 + fallback --max-drop 0.5 (8-bit layers)",
+                           _fallback(4, 0.5, val)),
     }  # fmt: skip
 
 
@@ -149,6 +166,9 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--inject-images", type=int, default=1024)
     ap.add_argument("--eval-images", type=int, default=10000)
+    ap.add_argument(
+        "--val-images", type=int, default=1000, help="held-out train images for the fallback"
+    )
     ap.add_argument("--kinds", nargs="+", default=["none", "ln", "gelu", "tokens", "all"])
     ap.add_argument("--recipes", nargs="+", default=None, help="default: all")
     ap.add_argument("--save-models", default=None, help="folder: float models as safetensors")
@@ -165,8 +185,9 @@ def main() -> None:
     calib_x, _ = _images(train, args.calib_images)
     inject_x, _ = _images(train, args.inject_images, start=args.calib_images)
     eval_x, eval_y = _images(test, args.eval_images)
+    val_x, val_y = _images(train, args.val_images, start=args.calib_images + args.inject_images)
     calib = _batches(calib_x, 32)
-    table = recipes()
+    table = recipes(list(zip(_batches(val_x, 250), _batches(val_y, 250), strict=True)))
     names = args.recipes or list(table)
     rows: list[dict[str, Any]] = []
     for kind in args.kinds:
@@ -189,8 +210,14 @@ def main() -> None:
             q = table[name][1](model, calib)
             sec = time.monotonic() - t0
             acc = top1(q, eval_x, eval_y)
-            rows.append(dict(model=kind, recipe=name, top1=acc, drop=acc - f1, seconds=sec))
-            print(f"{kind:7s} {name:14s} {acc:6.2f} {acc - f1:+6.2f}  {sec:5.1f} s", flush=True)
+            row = dict(model=kind, recipe=name, top1=acc, drop=acc - f1, seconds=sec)
+            extra = ""
+            if name.endswith("-fb"):
+                row["fallback_layers"] = list(LAST_FALLBACK)
+                extra = f"  8-bit: {', '.join(LAST_FALLBACK) or '-'}"
+            rows.append(row)
+            print(f"{kind:7s} {name:14s} {acc:6.2f} {acc - f1:+6.2f}  {sec:5.1f} s{extra}",
+                  flush=True)  # fmt: skip
     if args.nncf:
         rows += run_nncf(args, calib_x, eval_x, eval_y, rows)
     report = dict(

@@ -159,9 +159,22 @@ def _calibrated(tv: types.ModuleType, preset: str, bits: int = 8) -> tuple[nn.Mo
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(32, 3, 28, 28, generator=gen) for _ in range(2)]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "smooth: no layer to smooth")  # see docs/models.md
+        warnings.simplefilter("error")  # "smooth: no layer to smooth" would fail here
         calibrate(model, batches, progress=False)
     return model, float_model
+
+
+def test_robust_smooths_every_block_and_keeps_the_float_function(tv: types.ModuleType) -> None:
+    from vitquant.methods.ptq import smoothing_report
+    from vitquant.quant import quantization_disabled
+
+    model, float_model = _calibrated(tv, "robust")
+    smoothed = {d.name.rsplit(".", 1)[-1] if "mlp" in d.name else "self_attention"
+                for d in smoothing_report(model)}  # fmt: skip
+    assert len(smoothing_report(model)) == 3 * 2 and smoothed == {"self_attention", "0", "3"}
+    x = torch.randn(8, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), quantization_disabled(model):
+        torch.testing.assert_close(model(x), float_model(x), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["ft1", "ft2", "robust"])

@@ -120,6 +120,54 @@ def add_data_args(
     )
 
 
+PRESET_HELP = (
+    "robust (default: ft1 points, per-channel weights, SmoothQuant), ft1, ft2, ft3, trt, repq, "
+    "weight_only, lowbit (best PTQ at 6 bits and below: SmoothQuant search, output-MSE ranges, "
+    "block reconstruction) (1/2 = ft1/ft2)"
+)
+
+
+def add_ptq_args(parser: argparse.ArgumentParser | Any) -> None:
+    """Adds what every PTQ command takes: the float model (``--model``, ``--pretrained``), its
+    data (``--data-path``, ``--dataset``, ``--img-size``), the calibration subset
+    (``--num-calib-batch``, ``--calib-batchsz``) and the quantization (``--quant-mode``,
+    ``--wbits``, ``--abits``, ``--calibrator``, ``--percentile``), as FasterTransformer's
+    ``main.py --calib`` names them."""
+    parser.add_argument("--model", default=None, help="model name (vitquant models)")
+    parser.add_argument(
+        "--pretrained",
+        "--pretrained-dir",
+        dest="pretrained",
+        default=None,
+        metavar="FILE",
+        help="float weights (.npz, .pth, .safetensors)",
+    )
+    parser.add_argument(
+        "--data-path", default=None, help=f"dataset folder or name (default {default_data_path()})"
+    )
+    parser.add_argument(
+        "--dataset", default=None, help="built-in dataset name (fashion-mnist, ...)"
+    )
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution")
+    parser.add_argument("--num-calib-batch", type=int, default=10, help="calibration batches")
+    parser.add_argument("--calib-batchsz", type=int, default=8, help="calibration batch size")
+    parser.add_argument("--quant-mode", default="robust", help=PRESET_HELP)
+    parser.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
+    parser.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
+    parser.add_argument(
+        "--calibrator",
+        default=None,
+        help="max, percentile, mse or entropy (activations; default: the preset's, percentile "
+        "but mse in lowbit)",
+    )
+    parser.add_argument(
+        "--percentile",
+        type=float,
+        default=99.99,
+        help="of the percentile calibrator (and analyze's outlier statistic)",
+    )
+
+
 def add_runtime_args(parser: argparse.ArgumentParser | Any) -> None:
     """Adds ``--device`` and ``--num-workers``."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitquant.cli._common import add_config_arg, default_data_path
+from vitquant.cli._common import add_config_arg, add_ptq_args, default_data_path
 
 __all__ = ["add_parser", "run"]
 
@@ -30,33 +30,8 @@ def add_parser(subparsers: Any) -> None:
         "<model>_analyze.json and .png.",
     )
     add_config_arg(p)
-    p.add_argument("--model", default=None, help="model name (vitquant models)")
-    p.add_argument(
-        "--pretrained",
-        "--pretrained-dir",
-        dest="pretrained",
-        default=None,
-        metavar="FILE",
-        help="float weights (.npz, .pth, .safetensors)",
-    )
-    p.add_argument(
-        "--data-path", default=None, help=f"dataset folder or name (default {default_data_path()})"
-    )
-    p.add_argument("--dataset", default=None, help="built-in dataset name (fashion-mnist, ...)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution")
+    add_ptq_args(p)
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: the data's)")
-    p.add_argument("--num-calib-batch", type=int, default=10, help="calibration batches")
-    p.add_argument("--calib-batchsz", type=int, default=8, help="calibration batch size")
-    p.add_argument(
-        "--quant-mode", default="ft2", help="ft1, ft2, ft3, trt, repq, weight_only (1/2 = ft1/ft2)"
-    )
-    p.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
-    p.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
-    p.add_argument(
-        "--calibrator", default=None,
-        help="max, percentile, mse or entropy (activations; default: the preset's)",
-    )
-    p.add_argument("--percentile", type=float, default=99.99, help="also the outlier statistic")
     p.add_argument("--top-k", type=int, default=4, help="channels reported per point")
     p.add_argument(
         "--inject",

@@ -11,10 +11,11 @@ prints the quantizer table and writes ``<calib-output-path>/<model>_calib.pth`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from vitquant.cli._common import add_config_arg, default_data_path
+from vitquant.cli._common import add_config_arg, add_ptq_args, default_data_path
 
 __all__ = ["add_parser", "run"]
 
@@ -28,47 +29,15 @@ def add_parser(subparsers: Any) -> None:
         "models, and save <model>_calib.pth.",
     )
     add_config_arg(p)
-    p.add_argument("--model", required=False, default=None, help="model name (vitquant models)")
-    p.add_argument(
-        "--pretrained",
-        "--pretrained-dir",
-        dest="pretrained",
-        default=None,
-        metavar="FILE",
-        help="float weights (.npz, .pth, .safetensors)",
-    )
-    p.add_argument(
-        "--data-path",
-        default=None,
-        help=f"dataset folder or name (default {default_data_path()})",
-    )
-    p.add_argument("--dataset", default=None, help="built-in dataset name (fashion-mnist, ...)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution")
+    add_ptq_args(p)
     p.add_argument(
         "--num-classes",
         type=int,
         default=None,
         help="classes (default: the dataset's, which --pretrained's head must predict)",
     )
-    p.add_argument("--num-calib-batch", type=int, default=10, help="calibration batches")
-    p.add_argument("--calib-batchsz", type=int, default=8, help="calibration batch size")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--max-eval-batches", type=int, default=0, help="0: the whole val split")
-    p.add_argument(
-        "--quant-mode",
-        default="robust",
-        help="robust (default: ft1 points, per-channel weights, SmoothQuant), ft1, ft2, ft3, trt, "
-        "repq, weight_only, lowbit (best PTQ at 6 bits and below: SmoothQuant search, output-MSE "
-        "ranges, block reconstruction) (1/2 = ft1/ft2)",
-    )
-    p.add_argument("--wbits", type=int, default=8, help="weight bits (2..16)")
-    p.add_argument("--abits", type=int, default=8, help="activation bits (2..16)")
-    p.add_argument(
-        "--calibrator", default=None,
-        help="max, percentile, mse or entropy (activations; default: the preset's, percentile "
-        "but mse in lowbit)",
-    )
-    p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument(
         "--softmax-quantizer", default=None, help="uniform, log2 or log2_sqrt2 (softmax output)"
     )
@@ -256,17 +225,29 @@ def run(args: argparse.Namespace) -> int:
     calib, val = _loaders(args, source, extra, in_chans)
 
     float_metrics = evaluate(model, val, device)
+    use_fallback = args.max_drop is not None or args.target_agreement is not None
+    late_reconstruct = use_fallback and "reconstruct" in config.effective_passes
+    calib_config = config
+    if late_reconstruct:  # fallback must see the float weights: reconstruct after it
+        calib_config = dataclasses.replace(
+            config, passes=[p for p in config.effective_passes if p != "reconstruct"]
+        )
     qmodel, row = run_ptq(
         model,
-        config,
+        calib_config,
         calib,
-        lambda m: evaluate(m, val, device),
+        None if use_fallback else (lambda m: evaluate(m, val, device)),
         device=device,
         progress=not args.no_progress,
     )
     fallback_report = None
-    if args.max_drop is not None or args.target_agreement is not None:
+    if use_fallback:
         fallback_report = _fallback(args, model, qmodel, calib, val)
+        if late_reconstruct:
+            from vitquant.methods.ptq.reconstruct_pass import ReconstructPass
+
+            options = config.effective_pass_options.get("reconstruct", {})
+            ReconstructPass(**options).after_ranges(qmodel, list(calib), config)
         row.update(evaluate(qmodel, val, device))
     print(format_summary(quant_summary(qmodel)))
     print()

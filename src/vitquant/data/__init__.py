@@ -1,4 +1,5 @@
-"""Datasets, transforms and loaders (no torchvision).
+"""Datasets, transforms and loaders (image files through torchvision's ``make_dataset`` and
+``transforms.v2``; the in-memory formats need no torchvision).
 
 * :func:`build_dataset` / :func:`dataset_info`: one entry point for built-in names
   (``fashion-mnist``, ``digits``, ``cifar10``, ``cifar100``) and folders whose layout is detected:

@@ -117,7 +117,10 @@ class QuantConfig:
     quantize_patch_embed: bool = False
     quantize_head: bool = False
     head_patterns: list[str] = field(
-        default_factory=lambda: ["head", "head_dist", "heads", "heads.*", "classifier", "fc"]
+        default_factory=lambda: [
+            "head", "head_dist", "heads", "heads.*", "classifier", "fc",
+            "cls_classifier", "distillation_classifier",  # transformers DeiT-with-teacher
+        ]  # fmt: skip
     )
     passes: list[str] | None = None
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)

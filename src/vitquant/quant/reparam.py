@@ -42,6 +42,7 @@ from vitquant.quant.modules import (
     QuantTransformerEncoderLayer,
 )
 from vitquant.quant.modules.linear import SMOOTH_BUFFER
+from vitquant.quant.modules.torchvision import is_torchvision_encoder_block
 from vitquant.quant.quantizers import Quantizer
 from vitquant.quant.quantizers.base import gran_kind
 
@@ -121,7 +122,8 @@ def channel_pairs(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> list
 
     ``"ln"``: ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1`` in pre-norm ViT blocks
     (``self_attn``/``linear1`` in a ``norm_first`` ``nn.TransformerEncoderLayer``); ``"act"``:
-    ``mlp.act -> mlp.fc2`` (``activation -> linear2``). Quantizers are not looked at.
+    ``mlp.act -> mlp.fc2`` (``activation -> linear2``); torchvision ``EncoderBlock``:
+    ``ln_1 -> self_attention``, ``ln_2 -> mlp.0``, ``mlp.1 -> mlp.3``. Quantizers are not looked at.
     """
     bad = [k for k in kinds if k not in PAIR_KINDS]
     if bad:
@@ -134,6 +136,9 @@ def channel_pairs(model: nn.Module, kinds: tuple[str, ...] = PAIR_KINDS) -> list
                 [("norm1", "self_attn", ""), ("norm2", "linear1", "")] if block.norm_first else []
             )
             act = ("", "linear2", "activation")
+        elif is_torchvision_encoder_block(block):  # mlp: Linear, GELU, Dropout, Linear, Dropout
+            specs = [("ln_1", "self_attention", ""), ("ln_2", "mlp", "0")]
+            act = ("mlp", "3", "1")
         elif all(hasattr(block, a) for a in ("norm1", "attn", "norm2", "mlp", "add1", "add2")):
             specs = [("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")]
             act = ("mlp", "fc2", "act")

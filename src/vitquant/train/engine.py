@@ -132,6 +132,7 @@ def train_one_epoch(
         lr = schedule.step() if schedule is not None else optimizers[0].param_groups[0]["lr"]
         with autocast(device, amp_dtype):
             outputs = model(images)
+            outputs = getattr(outputs, "logits", outputs)  # transformers' ModelOutput
             loss, logs = loss_fn(outputs, targets, images, step)
             if penalty_fn is not None:
                 pen = penalty_fn()
@@ -203,6 +204,7 @@ def evaluate(
             targets = targets.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(images)
+            logits = getattr(logits, "logits", logits)  # transformers' ModelOutput
             if isinstance(logits, tuple):
                 logits = (logits[0] + logits[1]) / 2
             logits = logits.float()

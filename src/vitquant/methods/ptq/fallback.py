@@ -31,6 +31,7 @@ Its options and report (JSON, table) are in :mod:`vitquant.methods.ptq.fallback_
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,7 @@ from vitquant.methods.ptq.fallback_report import (
     FallbackReport,
     FallbackStep,
 )
+from vitquant.methods.ptq.reconstruct_pass import reconstruct_report
 from vitquant.quant import (
     QuantConfig,
     batch_input,
@@ -339,6 +341,17 @@ def fallback(
     """
     cfg = _make_config(config, options)
     qcfg = _check_models(model_float, model_quantized)
+    if reconstruct_report(model_quantized) is not None:
+        warnings.warn(
+            "fallback: the model was block-reconstructed, which moved its weights onto their "
+            "low-bit grid; raised layers keep those weights. Run fallback before reconstruction "
+            "(calibrate without the reconstruct pass, fallback, then reconstruct)",
+            stacklevel=2,
+        )
+    # the ranking calibrates a copy per the config: without a (slow) reconstruction in it
+    rank_cfg = dataclasses.replace(
+        qcfg, passes=[p for p in qcfg.effective_passes if p != "reconstruct"]
+    )
     dev = _device(model_quantized)
     inputs, batch_labels = _take(batches, dev, "validation")
     n = sum(int(x.shape[0]) for x in inputs)
@@ -361,7 +374,7 @@ def fallback(
         ref = _reference(model_float, model_quantized, inputs)
         if sensitivity is None:
             sensitivity = analyze(
-                model_float, calib or inputs, qcfg, method=method, percentile=percentile,
+                model_float, calib or inputs, rank_cfg, method=method, percentile=percentile,
                 progress=progress,
             )  # fmt: skip
         layers, ranked = _candidates(model_quantized, sensitivity, cfg)

@@ -1,0 +1,108 @@
+"""Speed and agreement of the lowered int8 models of the outlier recipes against plain int8.
+
+The PTQ issue asks that the recipes which handle outliers (SmoothQuant migration folded into
+LayerNorm or into ``fc2``'s input quantization, searched strength, output-MSE ranges,
+reconstruction) lower to the int8 runtime with logits that agree with their fake-quant models
+(cosine > 0.99) and run within 10% of the plain int8 model (FasterTransformer's ft1 lowered).
+This script calibrates each recipe on the same random images, lowers it, checks the agreement
+on other images, and times the lowered models alternately in one process (A B C A B C ...),
+printing medians and the ratio to plain ft1. The CPU and its ISA flags go into the JSON.
+
+Example:
+    PYTHONPATH=src python benchmarks/bench_ptq_lowered.py --model deit_small_patch16_224 \\
+        --batch-size 8 --repeats 10 --out benchmarks/results/ptq_lowered_deit_s.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_ptq_time import cpu_info, randomize  # the same folder
+from torch import Tensor, nn
+
+import vitquant
+from vitquant.quant import QuantConfig, calibrate, prepare
+from vitquant.runtime import lower, lowering_report
+
+RECIPES: dict[str, QuantConfig] = {
+    "ft1 (plain int8)": QuantConfig("ft1", 8, 8),
+    "default (robust, smooth 0.5)": QuantConfig(wbits=8, abits=8),
+    "robust, smooth searched": QuantConfig(
+        wbits=8, abits=8, passes=["smooth", "output_mse"],
+        pass_options={"smooth": {"alpha": "search"}},
+    ),
+}  # fmt: skip
+
+
+@torch.no_grad()
+def timed(model: nn.Module, x: Tensor) -> float:
+    t0 = time.perf_counter()
+    model(x)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--calib-images", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = randomize(vitquant.create_model(args.model).eval())
+    size = int(getattr(model.patch_embed, "img_size", (224, 224))[0])
+    g = torch.Generator().manual_seed(0)
+    calib = list(torch.randn(args.calib_images, 3, size, size, generator=g).split(8))
+    x = torch.randn(args.batch_size, 3, size, size, generator=g)
+    cpu = cpu_info()
+    print(f"{args.model}, batch {args.batch_size}, {args.threads} threads, {cpu['name']} "
+          f"[{' '.join(cpu['flags'])}]", flush=True)  # fmt: skip
+    lowered: dict[str, nn.Module] = {}
+    rows: dict[str, dict[str, float | str | list[str]]] = {}
+    for name, cfg in RECIPES.items():
+        q = calibrate(prepare(copy.deepcopy(model), cfg), calib, progress=False)
+        with torch.no_grad():
+            ref = q(x)
+        low = lower(copy.deepcopy(q), warn=False)
+        with torch.no_grad():
+            y = low(x)
+        rep = lowering_report(low)
+        cos = float(F.cosine_similarity(y.flatten(), ref.flatten(), dim=0))
+        agree = float((y.argmax(-1) == ref.argmax(-1)).float().mean())
+        rows[name] = {
+            "cosine": cos, "top1_agreement": agree, "backend": str(rep["backend"]),
+            "smoothed": list(rep["smoothed"]), "kept_float": list(rep["kept"]),
+        }  # fmt: skip
+        lowered[name] = low
+        timed(low, x)  # warm-up
+    times: dict[str, list[float]] = {n: [] for n in lowered}
+    for _ in range(args.repeats):
+        for n, m in lowered.items():
+            times[n].append(timed(m, x))
+    base = statistics.median(times[next(iter(RECIPES))])
+    for n in lowered:
+        med = statistics.median(times[n])
+        rows[n].update(ms=1e3 * med, ratio_to_plain=med / base)
+        r = rows[n]
+        print(f"{n:30s} {1e3 * med:8.1f} ms  x{med / base:5.2f} of plain   cosine {r['cosine']:.5f}"
+              f"  top-1 agreement {r['top1_agreement']:.3f}  smoothed {len(r['smoothed'])}",
+              flush=True)  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        report = {"model": args.model, "batch": args.batch_size, "threads": args.threads,
+                  "cpu": cpu, "torch": torch.__version__, "rows": rows}  # fmt: skip
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
