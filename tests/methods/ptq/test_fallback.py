@@ -91,15 +91,33 @@ def top1(model: nn.Module, val: list[tuple[Tensor, Tensor]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def result(injected: nn.Module, data: Data) -> tuple[nn.Module, FallbackReport]:
+def budget(injected: nn.Module, data: Data) -> float:
+    """A top-1 drop budget that raising the injected fc2 alone to 8 bits meets, measured here
+    with an independent prepare-with-overrides (the trained model, and so the drops, differ from
+    one CPU kind to another): a quarter of the way from that drop to the W4A4 baseline's."""
+    calib, val = data
+    f = top1(injected, val)
+    d0 = f - top1(quantized(injected, calib), val)
+    raised = replace(CONFIG, overrides={f"{FC2}.*": {"bits": 8}})
+    d1 = f - top1(quantized(injected, calib, raised), val)
+    assert d1 < d0 - 4.0  # the injected layer is what costs the W4A4 model most of its accuracy
+    return d1 + 0.25 * (d0 - d1)
+
+
+@pytest.fixture(scope="module")
+def result(injected: nn.Module, data: Data, budget: float) -> tuple[nn.Module, FallbackReport]:
     calib, val = data
     q = quantized(injected, calib)
-    report = fallback(injected, q, val, calib_batches=calib, max_drop=1.0, progress=False)
+    report = fallback(injected, q, val, calib_batches=calib, max_drop=budget, progress=False)
     return q, report
 
 
 def test_raises_the_injected_layer_first(
-    trained: nn.Module, injected: nn.Module, data: Data, result: tuple[nn.Module, FallbackReport]
+    trained: nn.Module,
+    injected: nn.Module,
+    data: Data,
+    result: tuple[nn.Module, FallbackReport],
+    budget: float,
 ) -> None:
     calib, val = data
     with pytest.warns(UserWarning, match="not met"):
@@ -116,7 +134,8 @@ def test_raises_the_injected_layer_first(
     float_top1, q_top1 = top1(injected, val), top1(q, val)
     assert report.float_top1 == pytest.approx(float_top1)
     assert report.final.top1 == pytest.approx(q_top1)
-    assert report.final.drop == pytest.approx(float_top1 - q_top1) and q_top1 >= float_top1 - 1.0
+    assert report.final.drop == pytest.approx(float_top1 - q_top1)
+    assert q_top1 >= float_top1 - budget and report.num_layers == 1
     agree = output_agreement(injected, q, [x for x, _ in val])
     assert report.final.agreement == pytest.approx(100 * agree["agreement"])
     assert report.final.rel_error == pytest.approx(agree["rel_error"], rel=1e-4)
@@ -250,12 +269,12 @@ def test_unlabeled_agreement_target(injected: nn.Module, data: Data) -> None:
     assert torch.allclose(logits(ref, val), logits(q, val), atol=1e-5)
 
 
-def test_repq_layernorm_reparam(injected: nn.Module, data: Data) -> None:
+def test_repq_layernorm_reparam(injected: nn.Module, data: Data, budget: float) -> None:
     """With RepQ-ViT's folded LayerNorms, a raised qkv/fc1 input is re-calibrated per tensor on
     the folded activation; the reported numbers are the returned model's."""
     calib, val = data
     q = quantized(injected, calib, QuantConfig("repq", wbits=4, abits=4))
-    r = fallback(injected, q, val, calib_batches=calib, max_drop=1.0, progress=False)
+    r = fallback(injected, q, val, calib_batches=calib, max_drop=budget, progress=False)
     assert r.met and r.layer_names[0] == FC2 and r.qconfig["preset"] == "repq"
     assert r.final.top1 == pytest.approx(top1(q, val))
     for x in r.layers:
