@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitquant.runtime.kernels import ActQ, int8_bmm, quantize_act
-from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active
+from vitquant.runtime.kernels import ActQ, quantize_act, quantize_fast
+from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active, rescale
 
 __all__ = ["Int8Attention", "Int8Mlp", "Int8Block", "LayerNormQuant", "block_unsupported"]
 
@@ -100,8 +100,13 @@ class Int8Attention(nn.Module):
         proj: Int8Linear,
         backend: str,
         proj_gamma: Tensor | None = None,
+        *,
+        method: str | None = None,
+        bf16: bool = False,
+        float_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        self.float_dtype = float_dtype
         self.num_heads = int(attn.num_heads)
         self.head_dim = int(attn.head_dim)
         self.scale = float(attn.scale)
@@ -109,8 +114,8 @@ class Int8Attention(nn.Module):
         self.qkv, self.proj = qkv, proj
         self.softmax = attn.softmax
         self.qk_float, self.av_float = attn.qk_matmul, attn.av_matmul
-        self.qk, _ = Int8MatMul.from_quant(attn.qk_matmul, backend)
-        self.av, _ = Int8MatMul.from_quant(attn.av_matmul, backend)
+        self.qk, _ = Int8MatMul.from_quant(attn.qk_matmul, backend, method=method, bf16=bf16)
+        self.av, _ = Int8MatMul.from_quant(attn.av_matmul, backend, method=method, bf16=bf16)
         # LayerScale after proj folded into its epilogue (only without an after-GEMM quantizer)
         self.proj_scale: Tensor | None = None
         self.proj_bias = proj.bias
@@ -158,15 +163,19 @@ class Int8Attention(nn.Module):
         if xq is None:
             xq = self.qkv.quantize_input(x)
         qk, av = self.qk, self.av
+        fast = self.backend != "reference"
         if self.qkv_codes is not None and qk is not None and av is not None:
             codes = self.qkv.forward_codes(
                 xq, bias=self.qkv_bias, out=self.qkv_codes, out_dtype=torch.int8,
                 w_scale=self.qkv_scale,
             )  # fmt: skip
+            # strided views: the per-head GEMMs read rows of any stride, no copy
             codes = codes.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-            q8, k8, v8 = codes[0], codes[1], codes[2].contiguous()
-            scores = int8_bmm(q8, 0, k8.transpose(-2, -1), 0, self.backend)
-            attn = torch.mul(scores, qk.a.scale * qk.b.scale).float()
+            q8, k8, v8 = codes[0], codes[1], codes[2]
+            if not fast:
+                v8 = v8.contiguous()
+            scores = qk.product(q8, k8.transpose(-2, -1))
+            attn = rescale(scores, qk.a.scale * qk.b.scale)
         else:
             qkv = self.qkv.float_from_codes(xq).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
@@ -179,18 +188,21 @@ class Int8Attention(nn.Module):
             attn = qk.output_quantizer(attn)
         attn = self.softmax(attn)
         if av is not None and av.output_quantizer is None:
-            pq = quantize_act(attn, av.a, torch.int8, clamp=self.p_clamp)
-            a_zp = av.a.zero_point + av.a.offset(torch.int8)
-            if v8 is None:
-                v8 = quantize_act(v, av.b, torch.int8).contiguous()
-                v_zp = av.b.zero_point + av.b.offset(torch.int8)
+            if fast:
+                pq = quantize_fast(attn, av.a, torch.int8)
             else:
-                v_zp = 0
-            acc = int8_bmm(pq, a_zp, v8, v_zp, self.backend)
+                pq = quantize_act(attn, av.a, torch.int8, clamp=self.p_clamp)
+            if v8 is None:
+                v8 = av.quantize(v, av.b)
+            acc = av.product(pq, v8)
             pa = self.proj.act
             if self.proj.in_div is not None:  # smoothed: per-channel divisors, [B, N, C]
                 o = torch.mul(acc, av.a.scale * av.b.scale).float().transpose(1, 2)
                 oq = self.proj.quantize_input(o.reshape(b, n, c))
+                return self._proj(oq, residual)
+            if fast:  # rescale, then one transposing quantize pass into [B, N, H, D]
+                o = rescale(acc, av.a.scale * av.b.scale)
+                oq = quantize_fast(o.transpose(1, 2), pa, self.proj.dtype).reshape(b, n, c)
                 return self._proj(oq, residual)
             shift = pa.zero_point + pa.offset(self.proj.dtype)
             # (acc * s_p * s_v) / s_proj + zero point + storage offset in one pass
@@ -214,7 +226,10 @@ class Int8Attention(nn.Module):
     def _proj(self, oq: Tensor, residual: Tensor | None) -> Tensor:
         p = self.proj
         if p.out_q is None:
-            return p.forward_codes(oq, bias=self.proj_bias, other=residual, w_scale=self.proj_scale)
+            return p.forward_codes(
+                oq, bias=self.proj_bias, other=residual, w_scale=self.proj_scale,
+                out_dtype=self.float_dtype,
+            )  # fmt: skip
         codes = p.forward_codes(oq, out=p.out_q, out_dtype=torch.int8)
         y = (codes.float() - p.out_q.zero_point) * p.out_q.scale
         if p.bias is not None:
@@ -226,9 +241,16 @@ class Int8Mlp(nn.Module):
     """``fc1 -> GELU -> fc2`` with GELU and fc2's input quantization fused into fc1."""
 
     def __init__(
-        self, mlp: nn.Module, fc1: Int8Linear, fc2: Int8Linear, fc2_gamma: Tensor | None = None
+        self,
+        mlp: nn.Module,
+        fc1: Int8Linear,
+        fc2: Int8Linear,
+        fc2_gamma: Tensor | None = None,
+        *,
+        float_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        self.float_dtype = float_dtype
         self.fc1, self.fc2 = fc1, fc2
         self.act = mlp.act
         self.norm = getattr(mlp, "norm", nn.Identity())
@@ -263,7 +285,10 @@ class Int8Mlp(nn.Module):
             hidden = fc1.float_from_codes(xq)
             hq = fc2.quantize_input(self.norm(self.act(hidden)))
         if fc2.out_q is None:
-            return fc2.forward_codes(hq, bias=self.fc2_bias, other=residual, w_scale=self.fc2_scale)
+            return fc2.forward_codes(
+                hq, bias=self.fc2_bias, other=residual, w_scale=self.fc2_scale,
+                out_dtype=self.float_dtype,
+            )  # fmt: skip
         codes = fc2.forward_codes(hq, out=fc2.out_q, out_dtype=torch.int8)
         y = (codes.float() - fc2.out_q.zero_point) * fc2.out_q.scale
         if fc2.bias is not None:
@@ -278,8 +303,20 @@ class Int8Block(nn.Module):
     original modules (with their fake quantizers, if any).
     """
 
-    def __init__(self, block: nn.Module, attn: Int8Attention, mlp: Int8Mlp) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        attn: Int8Attention,
+        mlp: Int8Mlp,
+        *,
+        float_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
+        #: dtype of the residual stream inside the block (bfloat16: GEMMs write it, LayerNorms
+        #: read it; they compute in float32)
+        self.float_dtype = float_dtype
+        #: cast the output back to float32 (set by ``lower`` on the last block of a run)
+        self.cast_out = float_dtype != torch.float32
         self.norm1, self.norm2 = block.norm1, block.norm2
         self.attn, self.mlp = attn, mlp
         self.add1, self.add2 = block.add1, block.add2
@@ -294,8 +331,24 @@ class Int8Block(nn.Module):
         )
 
     @classmethod
-    def from_block(cls, block: nn.Module, backend: str) -> tuple[Int8Block | None, str]:
-        """The fused integer block, or ``(None, reason)`` when it cannot be built."""
+    def from_block(
+        cls,
+        block: nn.Module,
+        backend: str,
+        *,
+        attention: str | None = None,
+        bf16_matmul: bool = False,
+        float_dtype: torch.dtype = torch.float32,
+    ) -> tuple[Int8Block | None, str]:
+        """The fused integer block, or ``(None, reason)`` when it cannot be built.
+
+        Args:
+            block: a pre-norm block with quantized linears.
+            backend: the int8 backend.
+            attention: :func:`~vitquant.runtime.kernels.int_bmm`'s method for q·kᵀ and attn·v.
+            bf16_matmul: run a batched attention matmul in bfloat16 (exact; AMX CPUs).
+            float_dtype: dtype of the residual stream and the float GEMM outputs.
+        """
         why = block_unsupported(block)
         if why:
             return None, why
@@ -309,9 +362,12 @@ class Int8Block(nn.Module):
         g1, g2 = _layer_scale(block.ls1), _layer_scale(block.ls2)
         g1 = g1 if isinstance(g1, Tensor) and layers["proj"].out_q is None else None
         g2 = g2 if isinstance(g2, Tensor) and layers["fc2"].out_q is None else None
-        attn = Int8Attention(a, layers["qkv"], layers["proj"], backend, g1)
-        mlp = Int8Mlp(m, layers["fc1"], layers["fc2"], g2)
-        new = cls(block, attn, mlp)
+        attn = Int8Attention(
+            a, layers["qkv"], layers["proj"], backend, g1, method=attention, bf16=bf16_matmul,
+            float_dtype=float_dtype,
+        )  # fmt: skip
+        mlp = Int8Mlp(m, layers["fc1"], layers["fc2"], g2, float_dtype=float_dtype)
+        new = cls(block, attn, mlp, float_dtype=float_dtype)
         # gammas folded into the epilogue are not applied again
         new.folded1, new.folded2 = g1 is not None, g2 is not None
         return new, ""
@@ -320,6 +376,7 @@ class Int8Block(nn.Module):
         return y * gamma if isinstance(gamma, Tensor) and not folded else y
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.float_dtype)
         hq = self.ln1(x) if self.ln1 is not None else None
         h = x if hq is not None else self.norm1(x)
         if self.fuse_add1 and (self.gamma1 is None or self.folded1):
@@ -329,8 +386,10 @@ class Int8Block(nn.Module):
         hq = self.ln2(x) if self.ln2 is not None else None
         h = x if hq is not None else self.norm2(x)
         if self.fuse_add2 and (self.gamma2 is None or self.folded2):
-            return self.mlp(h, residual=x, xq=hq)
-        return self.add2(x, self._branch_scale(self.mlp(h, xq=hq), self.gamma2, self.folded2))
+            x = self.mlp(h, residual=x, xq=hq)
+        else:
+            x = self.add2(x, self._branch_scale(self.mlp(h, xq=hq), self.gamma2, self.folded2))
+        return x.float() if self.cast_out else x
 
 
 class LayerNormQuant(nn.Module):
@@ -345,6 +404,7 @@ class LayerNormQuant(nn.Module):
         w = norm.weight.detach().float() if norm.weight is not None else torch.ones(c)
         bias = norm.bias.detach().float() if norm.bias is not None else torch.zeros(c)
         self.shape, self.eps, self.act, self.dtype = tuple(c), float(norm.eps), a, lin.dtype
+        self.fast = lin.backend != "reference"
         div: float | Tensor = a.scale if lin.in_div is None else lin.in_div.to(w.device)
         self.register_buffer("weight", w / div)
         self.register_buffer("bias", bias / div + a.zero_point + a.offset(lin.dtype))
@@ -357,5 +417,8 @@ class LayerNormQuant(nn.Module):
         return not _is_active(getattr(norm, "input_quantizer", None))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        # a bfloat16 residual stream is normalised in float32 (Inductor fuses the cast)
+        y = F.layer_norm(x.float(), self.shape, self.weight, self.bias, self.eps)
+        if self.fast:  # rounding and saturation only: one pass
+            return quantize_fast(y, self.act, self.dtype, prescaled=True)
         return quantize_act(y, self.act, self.dtype, scaled=True, shifted=True, offset_in=True)

@@ -15,8 +15,11 @@ turned into float (or requantized) in an epilogue:
   epilogue; the yardstick of the tests.
 
 The attention matmuls (:func:`int8_bmm`, every backend but the reference) batch all heads
-(:func:`int_bmm`): one batched float32 GEMM on CUDA, which is exact on int8 codes, since
-``_int_mm`` has no batched form; int8 GEMMs per head on the CPU, where they are faster.
+(:func:`int_bmm`): one batched float32 GEMM on CUDA and on AMX CPUs (in bfloat16 there), which
+is exact on int8 codes, since ``_int_mm`` has no batched form; int8 GEMMs per head on other
+CPUs, where they are faster (:mod:`vitquant.runtime.isa` picks). :func:`quantize_fast` is the
+one-pass activation quantizer of the fast backends; :mod:`vitquant.runtime.ops` wraps the
+kernels as custom operators while ``torch.compile`` traces.
 
 The quantization conventions are those of :mod:`vitquant.quant.primitives`
 (``x_q = clamp(round(x / s) + z, qmin, qmax)``); FasterTransformer's int8 modes
@@ -26,7 +29,7 @@ integer: ft1 (int8 in, int32 accumulation, float out) and ft2 (int8 in, int8 out
 
 from __future__ import annotations
 
-import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitquant.errors import ConfigError
+from vitquant.runtime import ops
+from vitquant.runtime.intmm import (
+    INT_MM_MIN_ROWS,
+    INT_MM_MULTIPLE,
+    exact_float_chunk,
+    int_bmm,
+    int_mm,
+    int_mm_padding,
+    pad_int_operands,
+)
 
 __all__ = [
     "BACKENDS",
@@ -43,6 +56,7 @@ __all__ = [
     "onednn_available",
     "check_backend",
     "quantize_act",
+    "quantize_fast",
     "PackedWeight",
     "int8_linear",
     "int8_bmm",
@@ -51,14 +65,11 @@ __all__ = [
     "int_mm_padding",
     "pad_int_operands",
     "exact_float_chunk",
+    "INT_MM_MIN_ROWS",
+    "INT_MM_MULTIPLE",
 ]
 
 BACKENDS = ("onednn", "intmm", "reference")
-
-#: CUDA ``torch._int_mm`` takes inner and output sizes that are multiples of this ...
-INT_MM_MULTIPLE = 8
-#: ... and at least this many rows
-INT_MM_MIN_ROWS = 17
 
 _ONEDNN: bool | None = None
 
@@ -178,6 +189,60 @@ def quantize_act(
     return q.to(natural).view(dtype).bitwise_xor_(128)
 
 
+_QPT_WARNED = False
+
+
+def _qpt(x: Tensor, scale: float, zp: int, qdtype: torch.dtype) -> Tensor:
+    """``torch.quantize_per_tensor`` without its (once per process) deprecation warning."""
+    global _QPT_WARNED
+    if _QPT_WARNED:
+        return torch.quantize_per_tensor(x, scale, zp, qdtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_tensor(x, scale, zp, qdtype)
+    _QPT_WARNED = True
+    return q
+
+
+def quantize_fast(
+    x: Tensor, a: ActQ, dtype: torch.dtype = torch.uint8, *, prescaled: bool = False
+) -> Tensor:
+    """The codes of :func:`quantize_act` in one vectorised pass (plus a byte copy).
+
+    Eager on the CPU, ``torch.quantize_per_tensor`` (one kernel: scale, round half to even,
+    add the zero point, saturate) replaces the chain of division, rounding, clamp and dtype
+    conversion; its ``int_repr`` is a copy of one byte per element. It multiplies by the
+    inverse scale where the fake quantizer divides, so a value within one float ulp of a
+    rounding midpoint may land one step away (a few per million values); the ``reference``
+    backend keeps :func:`quantize_act`. A transposed input comes out contiguous (the quantize
+    pass is also the transposing copy). While ``torch.compile`` traces, and for anything but a
+    float32 CPU tensor, it is :func:`quantize_act`, whose elementwise chain Inductor fuses into
+    the producer's loop.
+
+    Args:
+        x: float tensor.
+        a: the quantizer.
+        dtype: ``torch.uint8`` or ``torch.int8`` storage.
+        prescaled: ``x`` already is ``x / scale + zero_point + storage offset`` (only rounding
+            and saturation are left, e.g. after :class:`~vitquant.runtime.fused.LayerNormQuant`).
+    """
+    off = a.offset(dtype)
+    scale, zp = (1.0, 0) if prescaled else (a.scale, a.zero_point + off)
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or not _lo(dtype) <= zp <= _hi(dtype)
+    ):
+        if prescaled:
+            return quantize_act(x, a, dtype, scaled=True, shifted=True, offset_in=True)
+        return quantize_act(x, a, dtype)
+    q = _qpt(x, scale, zp, torch.quint8 if dtype == torch.uint8 else torch.qint8).int_repr()
+    if a.qmin + off > _lo(dtype) or a.qmax + off < _hi(dtype):
+        q.clamp_(a.qmin + off, a.qmax + off)
+    return q
+
+
 class PackedWeight:
     """An int8 weight ``[N, K]`` with a per-output-channel float scale, ready for a backend.
 
@@ -197,15 +262,20 @@ class PackedWeight:
         self.backend = backend
         self.row_sum = self.codes.sum(1, dtype=torch.int32)
         self.packed: Any = None
+        self.handle = 0
         if backend == "onednn":
             self.packed = torch.ops.onednn.qlinear_prepack(self.codes, None)
             self.zero_points = torch.zeros(codes.shape[0], dtype=torch.long)
+            self.handle = ops.register_packed(self.packed)
         elif backend == "intmm":
             self.packed = self.codes.t()
 
     @property
     def out_features(self) -> int:
         return int(self.codes.shape[0])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PackedWeight:
+        return PackedWeight(self.codes.clone(), self.scale.clone(), self.backend)
 
     def to(self, device: torch.device | str) -> PackedWeight:
         """A copy on ``device`` (oneDNN packs stay on the CPU)."""
@@ -226,138 +296,6 @@ def _acc_int(xq: Tensor, x_zp: int, w: PackedWeight, exact: bool) -> Tensor:
     if x_zp:
         acc -= x_zp * w.row_sum
     return acc
-
-
-def _round_up(v: int, multiple: int) -> int:
-    return -(-v // multiple) * multiple
-
-
-def int_mm_padding(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """The shape ``(M, K, N)`` of ``[M, K] @ [K, N]`` padded to what CUDA's ``torch._int_mm`` takes.
-
-    Its rules: more than 16 rows, inner and output sizes multiples of 8. ``K`` and ``N`` are
-    rounded up to multiples of :data:`INT_MM_MULTIPLE` (at least 16); ``M`` stays as it is above
-    16 (cuBLAS needs no row alignment, and padding rows would copy the whole activation), else it
-    becomes 24. Zero padding is exact: padded rows and columns are sliced off, and padded inner
-    positions add ``0 * 0`` to every dot product.
-    """
-    if min(m, k, n) < 1:
-        raise ConfigError(f"cannot pad an empty matmul ({m}x{k} @ {k}x{n})")
-    mult = INT_MM_MULTIPLE
-    pm = m if m >= INT_MM_MIN_ROWS else _round_up(INT_MM_MIN_ROWS, mult)
-    return pm, max(_round_up(k, mult), 2 * mult), max(_round_up(n, mult), 2 * mult)
-
-
-def pad_int_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero-pads ``a [M, K]`` and ``b [K, N]`` to the shapes of :func:`int_mm_padding`.
-
-    Pure (no kernel call): ``(a_pad @ b_pad)[:M, :N]`` equals ``a @ b`` exactly. Operands that
-    need no padding are returned as they are (strided views included).
-    """
-    m, k = a.shape
-    n = b.shape[1]
-    pm, pk, pn = int_mm_padding(m, k, n)
-    if (pm, pk) != (m, k):
-        a = F.pad(a, (0, pk - k, 0, pm - m))
-    if (pk, pn) != (k, n):
-        b = F.pad(b, (0, pn - n, 0, pk - k))
-    return a, b
-
-
-def int_mm(a: Tensor, b: Tensor, out: Tensor | None = None, *, pad: bool | None = None) -> Tensor:
-    """Exact ``a @ b`` of int8 matrices with int32 accumulation on ``torch._int_mm``.
-
-    Args:
-        a: int8 ``[M, K]``.
-        b: int8 ``[K, N]`` (rows or columns contiguous).
-        out: int32 ``[M, N]`` to write into.
-        pad: zero-pad to :func:`int_mm_padding` and slice the result (None: on CUDA, when the
-            shape breaks ``_int_mm``'s rules there; the CPU kernel takes any shape).
-    """
-    m, n = a.shape[0], b.shape[1]
-    if pad is None:
-        pad = a.is_cuda and int_mm_padding(m, a.shape[1], n) != (m, a.shape[1], n)
-    if pad:
-        ap, bp = pad_int_operands(a, b)
-        res = torch._int_mm(ap, bp)
-        if res.shape != (m, n):
-            res = res[:m, :n]
-        return res if out is None else out.copy_(res)
-    if out is None:
-        return torch._int_mm(a, b)
-    return torch._int_mm(a, b, out=out)
-
-
-def _code_bound(dtype: torch.dtype) -> int:
-    """The largest ``|code|`` of an integer storage dtype."""
-    return 255 if dtype == torch.uint8 else 128
-
-
-def exact_float_chunk(a_dtype: torch.dtype = torch.int8, b_dtype: torch.dtype = torch.int8) -> int:
-    """The longest inner dimension whose integer dot products float32 computes exactly.
-
-    Every product has ``|a b| <= bound_a * bound_b`` (``2^14`` for int8), so every partial sum of
-    up to ``2^24 / (bound_a * bound_b)`` products (1024 for int8) is an integer float32 holds
-    exactly, in any summation order; float32 GEMMs run in TF32 or bfloat16 are exact too (int8
-    values fit their mantissas) since they accumulate in float32.
-    """
-    return max(1, 2**24 // (_code_bound(a_dtype) * _code_bound(b_dtype)))
-
-
-def int_bmm(a: Tensor, b: Tensor, *, method: str | None = None, pad: bool | None = None) -> Tensor:
-    """Exact batched ``a @ b`` of integer codes: ``[..., M, K] @ [..., K, N]`` -> int32.
-
-    ``torch._int_mm`` is 2-D only, so a batch of heads runs either
-
-    * ``method="batched"`` (CUDA default): one batched float32 GEMM per slice of at most
-      :func:`exact_float_chunk` inner positions (one slice for int8 with ``K <= 1024``: 197
-      tokens, any head size), exact as explained there, then int32. One kernel for all batch
-      entries and heads instead of one ``_int_mm`` launch each, and no padding needed;
-    * ``method="loop"`` (CPU default): one :func:`int_mm` per batch entry and head on strided
-      views into one int32 buffer. On the CPU each small GEMM runs best on one thread (a
-      parallel region per call costs more than the GEMM, far more when the cores are shared),
-      and int8 GEMMs beat a float32 ``bmm`` there (see ``docs/int8.md``). ``pad`` as in
-      :func:`int_mm`.
-
-    Args:
-        a: int8 (or uint8, ``batched`` only) codes ``[..., M, K]``.
-        b: int8 codes ``[..., K, N]``; batch dimensions broadcast.
-        method: ``"batched"`` or ``"loop"`` (None: by device). Two 2-D operands always run
-            one :func:`int_mm`.
-        pad: for ``"loop"`` and 2-D operands.
-    """
-    if method is None:
-        method = "batched" if a.is_cuda else "loop"
-    if method not in ("batched", "loop"):
-        raise ConfigError(f"unknown batched int8 matmul method {method!r}; use batched or loop")
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a = a.expand(*batch, *a.shape[-2:])
-    b = b.expand(*batch, *b.shape[-2:])
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    if not batch and min(m, k, n) > 0:  # a single matrix: int8 GEMM (padded on CUDA)
-        return int_mm(a, b, pad=pad)
-    if method == "batched":
-        step = exact_float_chunk(a.dtype, b.dtype)
-        out = None
-        for start in range(0, k, step):
-            end = min(k, start + step)
-            part = torch.matmul(a[..., start:end].float(), b[..., start:end, :].float())
-            part = part.to(torch.int32)
-            out = part if out is None else out.add_(part)
-        if out is None:  # K == 0
-            out = torch.zeros(*batch, m, n, dtype=torch.int32, device=a.device)
-        return out
-    out = torch.empty(*batch, m, n, dtype=torch.int32, device=a.device)
-    threads = torch.get_num_threads() if not a.is_cuda else 1
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        for idx in itertools.product(*(range(d) for d in batch)):
-            int_mm(a[idx], b[idx], out=out[idx], pad=pad)
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
-    return out
 
 
 def int8_linear(
@@ -414,7 +352,14 @@ def int8_linear(
             oscale, ozp, odt = 1.0, 0, out_dtype
         else:
             oscale, ozp, odt = out.scale, out.zero_point + out.offset(out_dtype), out_dtype
-        if other is not None:
+        algo = gelu_approximate if post == "gelu" else ""
+        if torch.compiler.is_compiling():  # opaque to Inductor (see vitquant.runtime.ops)
+            y = ops.onednn_qlinear(
+                x2, w.handle, float(x_scale), int(x_zp), ws, w.zero_points, bias,
+                None if other is None else other.reshape(-1, shape[-1]), float(oscale),
+                int(ozp), odt, post, algo,
+            )  # fmt: skip
+        elif other is not None:
             y = torch.ops.onednn.qlinear_pointwise.binary(
                 x2, float(x_scale), int(x_zp), w.packed, ws, w.zero_points,
                 other.reshape(-1, shape[-1]), bias, oscale, ozp, odt, 1.0, 0, "add", 1.0,
@@ -453,7 +398,15 @@ def _hi(dtype: torch.dtype) -> int:
 
 
 def int8_bmm(
-    a: Tensor, a_zp: int, b: Tensor, b_zp: int, backend: str, *, method: str | None = None
+    a: Tensor,
+    a_zp: int,
+    b: Tensor,
+    b_zp: int,
+    backend: str,
+    *,
+    method: str | None = None,
+    bf16: bool = False,
+    float_out: bool = False,
 ) -> Tensor:
     """Batched integer matmul ``(a - a_zp) @ (b - b_zp)`` with int32 accumulation.
 
@@ -466,14 +419,17 @@ def int8_bmm(
             on the raw codes (one batched GEMM on CUDA, int8 GEMMs per head on the CPU) and
             correct the zero points with row and column sums.
         method: :func:`int_bmm`'s method (None: by device).
+        bf16: :func:`int_bmm`'s ``bf16`` (batched float GEMM in bfloat16, exact).
+        float_out: :func:`int_bmm`'s ``float_out`` (exact float32 integers, batched only).
 
     Returns:
-        int32 ``[..., M, N]`` (float64 for the reference backend).
+        int32 ``[..., M, N]`` (float64 for the reference backend, float32 with ``float_out``
+        where the batched float GEMM ran).
     """
     if backend == "reference":
         return (a.double() - a_zp) @ (b.double() - b_zp)
     k = a.shape[-1]
-    out = int_bmm(a, b, method=method)
+    out = int_bmm(a, b, method=method, bf16=bf16, float_out=float_out)
     if b_zp:
         out -= b_zp * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
     if a_zp:

@@ -8,6 +8,12 @@ The lowering reads each quantizer's :class:`~vitquant.quant.QParams` and replace
 3. every remaining ``QuantMatMul`` with both operands quantized by an
    :class:`~vitquant.runtime.modules.Int8MatMul`.
 
+Kernels are picked by the CPU's instruction sets (:func:`~vitquant.runtime.isa.cpu_isa`: AMX,
+AVX512-VNNI, AVX2 or none; ``VITQUANT_ISA`` or ``isa=`` forces a lower level) and the report says
+which level and kernels it took. ``float_dtype=torch.bfloat16`` keeps the residual stream and the
+float GEMM outputs in bfloat16 (LayerNorm, softmax and every quantization still compute in
+float32).
+
 What cannot run on integer kernels (log2 quantizers, per-group weights, more than 8 bits, a
 QuantConv2d patch embedding) keeps its fake-quant module, which computes the same function in
 float; :func:`lowering_report` lists those modules and why. Quantizers that are enabled but were
@@ -25,7 +31,8 @@ from torch import nn
 
 from vitquant.errors import ConfigError
 from vitquant.runtime.fused import Int8Block
-from vitquant.runtime.kernels import check_backend
+from vitquant.runtime.isa import cpu_isa
+from vitquant.runtime.kernels import check_backend, onednn_available
 from vitquant.runtime.modules import Int8Linear, Int8MatMul
 
 __all__ = ["lower", "lowering_report", "uncalibrated_quantizers", "is_lowered"]
@@ -50,12 +57,16 @@ def is_lowered(model: nn.Module) -> bool:
 
 
 def lowering_report(model: nn.Module) -> dict[str, Any]:
-    """What :func:`lower` did: ``{"backend", "blocks", "linears", "matmuls", "smoothed",
-    "kept"}``.
+    """What :func:`lower` did: ``{"backend", "isa", "attention", "float_dtype", "blocks",
+    "linears", "matmuls", "smoothed", "kept"}``.
 
-    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules; ``smoothed`` the
-    integer linears (inside blocks too) whose input quantization carries SmoothQuant factors;
-    ``kept`` maps the name of each quantized module left in fake-quant float to the reason.
+    ``isa`` is :meth:`~vitquant.runtime.isa.CpuIsa.as_dict` (level taken, level detected, flags;
+    None on CUDA); ``attention`` the method of the q·kᵀ / attn·v products (``"loop"``: int8
+    GEMM per head, ``"batched"``: one exact float GEMM for all heads, ``"batched-bf16"``: the
+    same in bfloat16, ``"reference"``); ``blocks``/``linears``/``matmuls`` list the names of
+    the lowered modules; ``smoothed`` the integer linears (inside blocks too) whose input
+    quantization carries SmoothQuant factors; ``kept`` maps the name of each quantized module
+    left in fake-quant float to the reason.
     """
     if not is_lowered(model):
         raise ConfigError("the model has not been lowered: call vitquant.runtime.lower(model)")
@@ -88,6 +99,9 @@ def lower(
     *,
     fuse: bool = True,
     warn: bool = True,
+    float_dtype: torch.dtype = torch.float32,
+    isa: str | None = None,
+    attention: str | None = None,
 ) -> nn.Module:
     """Replaces the fake-quant modules of ``model`` by integer ones, in place; returns ``model``.
 
@@ -97,6 +111,14 @@ def lower(
             ``"reference"`` (exact integer maths in float64, for tests).
         fuse: fuse whole transformer blocks (keeps activations quantized between ops).
         warn: warn when some quantized modules stay in fake-quant float.
+        float_dtype: ``torch.float32`` or ``torch.bfloat16``: dtype of the residual stream and
+            of the float GEMM outputs inside fused blocks (fast on CPUs with avx512_bf16 or
+            AMX; elsewhere it works but torch emulates bfloat16). The output stays float32.
+        isa: force a CPU level below the detected one (``"avx512_vnni"``, ``"avx2"``,
+            ``"default"``; None: ``$VITQUANT_ISA`` or the CPU's own), to run the fallbacks.
+        attention: override the ISA's choice for q·kᵀ / attn·v: ``"loop"`` (int8 GEMM per
+            head), ``"batched"`` (one exact float32 GEMM) or ``"batched-bf16"`` (the same in
+            bfloat16); None: by ISA. Every choice computes the same integers.
 
     Returns:
         ``model`` in eval mode, for inference only (no gradients through integer modules).
@@ -117,19 +139,45 @@ def lower(
             f"cannot lower: {len(missing)} quantizer(s) were never calibrated: "
             f"{', '.join(missing[:3])}{more} (run calibrate() or load a trained state)"
         )
-    backend = check_backend(backend, _device(model))
+    if float_dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"float_dtype must be torch.float32 or torch.bfloat16, not {float_dtype}")
+    dev = _device(model)
+    level = cpu_isa(isa) if dev.type == "cpu" else None
+    if backend is None and level is not None:
+        backend = "onednn" if level.level != "default" and onednn_available() else "intmm"
+    backend = check_backend(backend, dev)
+    if attention is None:
+        attention, bf16_mm = _attention_method(backend, dev, level)
+    elif attention in ("loop", "batched", "batched-bf16"):
+        attention, bf16_mm = attention.removesuffix("-bf16"), attention.endswith("-bf16")
+        if backend == "reference":
+            attention, bf16_mm = "reference", False
+    else:
+        raise ConfigError(
+            f"unknown attention method {attention!r}; use loop, batched or batched-bf16"
+        )
     model.eval()
-    report: dict[str, Any] = {"backend": backend, "blocks": [], "linears": [], "matmuls": []}
+    report: dict[str, Any] = {
+        "backend": backend,
+        "isa": None if level is None else level.as_dict(),
+        "attention": "batched-bf16" if bf16_mm else attention,
+        "float_dtype": str(float_dtype).replace("torch.", ""),
+        "blocks": [],
+        "linears": [],
+        "matmuls": [],
+    }
+    opts: dict[str, Any] = {"attention": attention, "bf16_matmul": bf16_mm}
     kept: dict[str, str] = {}
     with torch.no_grad():
         if fuse:
             for name, m in list(model.named_modules()):
                 if not name or not hasattr(m, "attn") or not hasattr(m, "mlp"):
                     continue
-                new, why = Int8Block.from_block(m, backend)
+                new, why = Int8Block.from_block(m, backend, float_dtype=float_dtype, **opts)
                 if new is not None:
                     _set(model, name, new)
                     report["blocks"].append(name)
+            _mark_cast_out(model)
         from vitquant.quant.modules import QuantMatMul
 
         for name, m in list(model.named_modules()):
@@ -145,7 +193,7 @@ def lower(
                     _set(model, name, lin)
                     report["linears"].append(name)
             elif isinstance(m, QuantMatMul):
-                mm, why = Int8MatMul.from_quant(m, backend)
+                mm, why = Int8MatMul.from_quant(m, backend, method=attention, bf16=bf16_mm)
                 if mm is None:
                     kept[name] = why
                 else:
@@ -166,6 +214,27 @@ def lower(
             stacklevel=2,
         )
     return model
+
+
+def _attention_method(backend: str, dev: torch.device, level: Any) -> tuple[str, bool]:
+    """(int_bmm method, bfloat16 batched) for the attention matmuls on this device/ISA."""
+    if backend == "reference":
+        return "reference", False
+    if dev.type != "cpu" or level is None:
+        return "batched", False
+    method = level.attention_method
+    return method, method == "batched" and level.bf16
+
+
+def _mark_cast_out(model: nn.Module) -> None:
+    """A bfloat16 residual stream goes back to float32 only after the last fused block of each
+    run of consecutive fused blocks (inside one container)."""
+    for m in model.modules():
+        kids = list(m.children())
+        for i, k in enumerate(kids):
+            if isinstance(k, Int8Block) and k.float_dtype != torch.float32:
+                nxt = kids[i + 1] if i + 1 < len(kids) else None
+                k.cast_out = not (isinstance(nxt, Int8Block) and nxt.float_dtype == k.float_dtype)
 
 
 def _inside_lowered(name: str, report: dict[str, Any]) -> bool:

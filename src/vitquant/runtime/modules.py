@@ -23,12 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError
-from vitquant.runtime.kernels import ActQ, PackedWeight, int8_bmm, int8_linear, quantize_act
+from vitquant.runtime.kernels import (
+    ActQ,
+    PackedWeight,
+    int8_bmm,
+    int8_linear,
+    quantize_act,
+    quantize_fast,
+)
 
 __all__ = [
     "act_from_quantizer",
     "weight_codes",
     "code_dtype",
+    "rescale",
     "Int8Linear",
     "Int8MatMul",
 ]
@@ -160,7 +168,12 @@ class Int8Linear(nn.Module):
         return cls(codes, scale, m.bias, act, backend, out_q, smooth), ""
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """Codes of ``x`` (divided by the smoothing factors, if any) in the storage dtype."""
+        """Codes of ``x`` (divided by the smoothing factors, if any) in the storage dtype: one
+        pass (:func:`~vitquant.runtime.kernels.quantize_fast`) but on the reference backend."""
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        if self.backend != "reference" and self.in_div is None:
+            return quantize_fast(x, self.act, self.dtype)
         return quantize_act(x, self.act, self.dtype, div=self.in_div)
 
     @property
@@ -191,6 +204,18 @@ class Int8Linear(nn.Module):
         )
 
 
+def rescale(acc: Tensor, scale: float) -> Tensor:
+    """``acc * scale`` as float32, ``acc`` an integer product (int32, exact float32, or the
+    reference backend's float64, multiplied before rounding). An int32 tensor times a float runs
+    ATen's scalar dynamic-cast loop; converting first and scaling in place runs two vectorised
+    passes, several times faster."""
+    if acc.dtype == torch.float64:
+        return torch.mul(acc, scale).float()
+    if acc.dtype == torch.float32:
+        return acc.mul_(scale)
+    return acc.to(torch.float32).mul_(scale)
+
+
 class Int8MatMul(nn.Module):
     """``a @ b`` on int8 operands with int32 accumulation (q·kᵀ and attn·v).
 
@@ -199,36 +224,61 @@ class Int8MatMul(nn.Module):
         backend: ``"reference"`` (exact float64) or anything else
             (:func:`~vitquant.runtime.kernels.int8_bmm`, int32).
         output_quantizer: applied to the float result (None in every preset).
+        method: :func:`~vitquant.runtime.kernels.int_bmm`'s method (None: by device; ``lower``
+            picks it by the CPU's ISA, see :mod:`vitquant.runtime.isa`).
+        bf16: batched method on the CPU in bfloat16 (exact; AMX).
     """
 
     def __init__(
-        self, a: ActQ, b: ActQ, backend: str, output_quantizer: nn.Module | None = None
+        self,
+        a: ActQ,
+        b: ActQ,
+        backend: str,
+        output_quantizer: nn.Module | None = None,
+        *,
+        method: str | None = None,
+        bf16: bool = False,
     ) -> None:
         super().__init__()
         self.a, self.b, self.backend = a, b, backend
         self.output_quantizer = output_quantizer
+        self.method, self.bf16 = method, bf16
 
     @classmethod
-    def from_quant(cls, m: nn.Module, backend: str) -> tuple[Int8MatMul | None, str]:
+    def from_quant(
+        cls, m: nn.Module, backend: str, *, method: str | None = None, bf16: bool = False
+    ) -> tuple[Int8MatMul | None, str]:
         """Builds the integer version of a ``QuantMatMul``, or ``(None, reason)``."""
         a, why_a = act_from_quantizer(getattr(m, "a_quantizer", None))
         b, why_b = act_from_quantizer(getattr(m, "b_quantizer", None))
         if a is None or b is None:
             return None, f"operand a: {why_a}" if a is None else f"operand b: {why_b}"
         oq = getattr(m, "output_quantizer", None)
-        return cls(a, b, backend, oq if _is_active(oq) else None), ""
+        out = cls(a, b, backend, oq if _is_active(oq) else None, method=method, bf16=bf16)
+        return out, ""
+
+    def quantize(self, x: Tensor, a: ActQ) -> Tensor:
+        """int8 codes of one operand (one pass but on the reference backend)."""
+        if self.backend == "reference":
+            return quantize_act(x, a, torch.int8)
+        return quantize_fast(x, a, torch.int8)
+
+    def product(self, aq: Tensor, bq: Tensor) -> Tensor:
+        """The integer product of stored codes (zero points corrected)."""
+        a_zp = self.a.zero_point + self.a.offset(torch.int8)
+        b_zp = self.b.zero_point + self.b.offset(torch.int8)
+        return int8_bmm(
+            aq, a_zp, bq, b_zp, self.backend, method=self.method, bf16=self.bf16,
+            float_out=self.method == "batched",
+        )  # fmt: skip
 
     def scores(self, a: Tensor, b: Tensor) -> Tensor:
         """The integer product (int32, or float64 for the reference backend)."""
-        aq = quantize_act(a, self.a, torch.int8)
-        bq = quantize_act(b, self.b, torch.int8)
-        a_zp = self.a.zero_point + self.a.offset(torch.int8)
-        b_zp = self.b.zero_point + self.b.offset(torch.int8)
-        return int8_bmm(aq, a_zp, bq, b_zp, self.backend)
+        return self.product(self.quantize(a, self.a), self.quantize(b, self.b))
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        y = self.scores(a, b).float() * (self.a.scale * self.b.scale)
+        y = rescale(self.scores(a, b), self.a.scale * self.b.scale)
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return f"backend={self.backend}, method={self.method}, bf16={self.bf16}"
