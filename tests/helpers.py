@@ -56,20 +56,53 @@ def has_layer_scale(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ == "LayerScale" for m in model.modules())
 
 
-def random_nano_vit(seed: int = 0) -> torch.nn.Module:
-    """The test model of the PTQ tests: ``vit_nano_patch4_28`` in eval mode with random affine
-    parameters (:func:`randomize_affine`) and 3x the init Linear weights, so that attention is not
-    uniform and quantization errors inside the blocks reach the logits."""
+def random_vit(
+    name: str = "vit_nano_patch4_28", seed: int = 0, **kwargs: object
+) -> torch.nn.Module:
+    """The test model of the PTQ tests: model ``name`` in eval mode with random affine parameters
+    (:func:`randomize_affine`) and 3x the init Linear weights, so that attention is not uniform,
+    quantization errors inside the blocks reach the logits and the logits are decisive (a freshly
+    initialised ViT gives near-equal logits, whose arg-max flips at any perturbation)."""
     import vitquant
 
     torch.manual_seed(seed)
-    model = vitquant.create_model("vit_nano_patch4_28").eval()
+    model = vitquant.create_model(name, **kwargs).eval()
     randomize_affine(model, seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight *= 3.0
     return model
+
+
+def random_nano_vit(seed: int = 0) -> torch.nn.Module:
+    """:func:`random_vit` of ``vit_nano_patch4_28``."""
+    return random_vit("vit_nano_patch4_28", seed)
+
+
+#: a tiny transformers ViT/DeiT config (hidden 32, 2 layers, 28x28 grey images, 5 classes)
+HF_TINY: dict[str, object] = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    image_size=28,
+    patch_size=7,
+    num_channels=1,
+    num_labels=5,
+)
+
+
+def skip_without_transformers() -> None:
+    """Skips the calling test module when ``transformers`` is not installed."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip(
+            "transformers is not installed (pip install 'vitquant[hf]')", allow_module_level=True
+        )
 
 
 def digits_batches(n: int = 128, batch_size: int = 64) -> list[torch.Tensor]:

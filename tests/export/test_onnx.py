@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitquant
-from helpers import digits_batches, randomize_affine
+from helpers import digits_batches, random_vit
 from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, calibrate, prepare
 from vitquant.quant.quantizers import Quantizer
@@ -30,17 +30,8 @@ from vitquant.export.onnx_run import compare_onnx, count_qdq, run_onnx  # noqa: 
 
 
 def _micro(seed: int = 0) -> torch.nn.Module:
-    """``vit_micro_patch7_28`` with random affine parameters and 3x the init Linear weights, so
-    that its logits are decisive (a freshly initialised ViT gives near-equal logits, whose arg-max
-    flips at any perturbation)."""
-    torch.manual_seed(seed)
-    model = vitquant.create_model("vit_micro_patch7_28", num_classes=10, in_chans=1).eval()
-    randomize_affine(model, seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight *= 3.0
-    return model
+    """``vit_micro_patch7_28`` (10 classes, grey images) as :func:`helpers.random_vit` makes it."""
+    return random_vit("vit_micro_patch7_28", seed, num_classes=10, in_chans=1)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ transformers' own model code on tiny random models."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import types
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import randomize_affine
+from helpers import HF_TINY, randomize_affine, skip_without_transformers
 from vitquant.errors import CheckpointError
 from vitquant.models.hf import (
     from_hf,
@@ -24,21 +23,9 @@ from vitquant.models.hf import (
 )
 from vitquant.models.vit import VisionTransformer
 
-if importlib.util.find_spec("transformers") is None:
-    pytest.skip(
-        "transformers is not installed (pip install 'vitquant[hf]')", allow_module_level=True
-    )
+skip_without_transformers()
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    image_size=28,
-    patch_size=7,
-    num_channels=1,
-    num_labels=5,
-)
+TINY = HF_TINY
 ARCHS = ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher"]
 
 

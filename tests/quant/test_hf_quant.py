@@ -9,7 +9,6 @@ quantized logits, same lowered logits.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import types
 from pathlib import Path
@@ -19,26 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import HF_TINY, skip_without_transformers
 from vitquant.errors import ConfigError
 from vitquant.models.hf import from_hf, import_transformers, load_hf_folder
 from vitquant.quant import QuantConfig, calibrate, named_quantizers, prepare
 from vitquant.quant.modules import QuantHFLayer
 
-if importlib.util.find_spec("transformers") is None:
-    pytest.skip(
-        "transformers is not installed (pip install 'vitquant[hf]')", allow_module_level=True
-    )
+skip_without_transformers()
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=28,
-    patch_size=7,
-    num_channels=1,
-    num_labels=5,
-)
+TINY = {**HF_TINY, "intermediate_size": 64}
 ARCHS = ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher"]
 #: DeiT's heads under transformers' names (vitquant's defaults name timm's head/head_dist)
 DEIT_HEADS = ["head", "head_dist", "classifier", "cls_classifier", "distillation_classifier"]
