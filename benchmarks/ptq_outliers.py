@@ -45,14 +45,22 @@ def _ptq(config: QuantConfig, **calib: Any) -> Recipe:
 
 
 def _fallback(bits: int, max_drop: float, val: list[tuple[Tensor, Tensor]]) -> Recipe:
-    """``lowbit`` at ``bits`` with the accuracy-driven fallback on held-out labelled images:
-    calibrated without reconstruction, fallback (8-bit layers) until the drop on ``val`` is at
-    most ``max_drop``, then reconstruction (as ``vitquant calibrate --max-drop`` orders it)."""
+    """``lowbit`` at ``bits`` with the accuracy-driven fallback on held-out labelled images, as
+    ``vitquant calibrate --max-drop`` runs it: the reconstructed model if it meets the budget on
+    ``val``; else calibrated without reconstruction, fallback (8-bit layers) until the drop on
+    ``val`` is at most ``max_drop``, then reconstruction."""
 
     def run(model: nn.Module, batches: list[Tensor]) -> nn.Module:
         from vitquant.methods.ptq import ReconstructPass, fallback
 
-        cfg = QuantConfig("lowbit", bits, bits)
+        cfg = QuantConfig("lowbit", bits, bits, pass_options={"reconstruct": {"progress": False}})
+        full = prepare(copy.deepcopy(model), cfg)
+        calibrate(full, batches, progress=False)
+        x = torch.cat([v[0] for v in val])
+        y = torch.cat([v[1] for v in val])
+        if top1(model, x, y) - top1(full, x, y) <= max_drop:
+            LAST_FALLBACK[:] = []
+            return full
         first = dataclasses.replace(cfg, passes=["smooth", "output_mse"])
         q = prepare(copy.deepcopy(model), first)
         calibrate(q, batches, progress=False)

@@ -88,3 +88,44 @@ def test_calibrate_cli_default_is_robust_with_fallback(
 def test_calibrate_cli_smooth_alpha_errors(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["calibrate", "--model", "vit_nano_patch4_28", "--smooth-alpha", "lots"])
     assert rc == 2 and "smooth-alpha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["0", "100"])
+def test_calibrate_cli_lowbit_with_a_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    """lowbit + a budget: a reconstructed model that meets it keeps every layer low (target 0);
+    otherwise the fallback runs first and reconstruction after it (target 100: layers kept)."""
+    rc = main(
+        [
+            "calibrate",
+            "--model", "vit_nano_patch4_28",
+            "--data-path", "digits",
+            "--img-size", "28",
+            "--num-calib-batch", "2",
+            "--calib-batchsz", "16",
+            "--batch-size", "64",
+            "--max-eval-batches", "1",
+            "--quant-mode", "lowbit", "--wbits", "4", "--abits", "4",
+            "--reconstruct-iters", "20",
+            "--target-agreement", target,
+            "--fallback-images", "64",
+            "--calib-output-path", str(tmp_path),
+            "--device", "cpu",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads((tmp_path / "vit_nano_patch4_28_calib.json").read_text())
+    assert result["config"]["preset"] == "lowbit"
+    if target == "0":
+        assert "no fallback needed" in out and "fallback" not in result
+    else:
+        assert result["fallback"]["layers"]
+        model = load_calibrated(tmp_path / "vit_nano_patch4_28_calib.pth")
+        kept = {layer["name"] for layer in result["fallback"]["layers"]}
+        bits = {n.rpartition(".")[0]: q.bits for n, q in model.named_modules()
+                if hasattr(q, "bits") and n.endswith("weight_quantizer")}  # fmt: skip
+        assert all(bits[name] == 8 for name in kept if name in bits)
+        assert any(b == 4 for b in bits.values())

@@ -139,6 +139,38 @@ def _passes(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[
     return passes, options
 
 
+def _fallback_images(args: argparse.Namespace, val: Any) -> list[Any]:
+    """The first ``--fallback-images`` validation images, as ``(input, label)`` batches."""
+    batches, seen = [], 0
+    for x, y in val:
+        if seen >= args.fallback_images:
+            break
+        batches.append((x, y))
+        seen += len(y)
+    return batches
+
+
+def _meets_budget(args: argparse.Namespace, model: Any, qmodel: Any, val: Any) -> bool:
+    """Whether ``qmodel`` meets ``--max-drop`` / ``--target-agreement`` on the fallback images."""
+    import torch
+
+    from vitquant.models.activation_stats import output_agreement
+
+    batches = _fallback_images(args, val)
+    if args.target_agreement is not None:
+        agree = 100.0 * output_agreement(model, qmodel, [x for x, _ in batches])["agreement"]
+        return agree >= args.target_agreement
+    hits = {"float": 0, "quantized": 0}
+    with torch.no_grad():
+        for x, y in batches:
+            for key, m in (("float", model), ("quantized", qmodel)):
+                out = m(x.to(next(m.parameters()).device))
+                out = getattr(out, "logits", out)
+                hits[key] += int((out.argmax(-1).cpu() == y).sum())
+    n = sum(len(y) for _, y in batches)
+    return 100.0 * (hits["float"] - hits["quantized"]) / n <= args.max_drop
+
+
 def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val: Any) -> Any:
     """Runs :func:`vitquant.methods.ptq.fallback.fallback` on the first validation images."""
     from vitquant.errors import ConfigError
@@ -152,12 +184,7 @@ def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val
             higher = int(bits)
         except ValueError:
             raise ConfigError(f"--fallback-bits {bits!r}: 8 (or other bits) or float") from None
-    batches, seen = [], 0
-    for x, y in val:
-        if seen >= args.fallback_images:
-            break
-        batches.append((x, y))
-        seen += len(y)
+    batches = _fallback_images(args, val)
     budget = (
         {"max_drop": args.max_drop}
         if args.max_drop is not None
@@ -227,19 +254,19 @@ def run(args: argparse.Namespace) -> int:
     float_metrics = evaluate(model, val, device)
     use_fallback = args.max_drop is not None or args.target_agreement is not None
     late_reconstruct = use_fallback and "reconstruct" in config.effective_passes
-    calib_config = config
-    if late_reconstruct:  # fallback must see the float weights: reconstruct after it
-        calib_config = dataclasses.replace(
+    progress = not args.no_progress
+    qmodel, row = run_ptq(model, config, calib, None, device=device, progress=progress)
+    if late_reconstruct and _meets_budget(args, model, qmodel, val):
+        # the reconstructed model meets the budget by itself: no layer is raised
+        print("the reconstructed model meets the budget: no fallback needed")
+        use_fallback = False
+    elif late_reconstruct:
+        # the fallback must see the float weights: calibrate without reconstruction, fallback,
+        # then reconstruct (reconstruction moves the weights onto their low-bit grid)
+        first = dataclasses.replace(
             config, passes=[p for p in config.effective_passes if p != "reconstruct"]
         )
-    qmodel, row = run_ptq(
-        model,
-        calib_config,
-        calib,
-        None if use_fallback else (lambda m: evaluate(m, val, device)),
-        device=device,
-        progress=not args.no_progress,
-    )
+        qmodel, row = run_ptq(model, first, calib, None, device=device, progress=progress)
     fallback_report = None
     if use_fallback:
         fallback_report = _fallback(args, model, qmodel, calib, val)
@@ -248,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
             options = config.effective_pass_options.get("reconstruct", {})
             ReconstructPass(**options).after_ranges(qmodel, list(calib), config)
-        row.update(evaluate(qmodel, val, device))
+    row.update(evaluate(qmodel, val, device))
     print(format_summary(quant_summary(qmodel)))
     print()
     print(f"{'':10} {'top-1':>8} {'top-5':>8} {'loss':>8}   ({float_metrics['images']} images)")
