@@ -327,3 +327,24 @@ def test_the_default_config_is_the_robust_path(
     e_default = output_agreement(outlier_model, default, batches)["rel_error"]
     e_plain = output_agreement(outlier_model, plain, batches)["rel_error"]
     assert e_default < 0.5 * e_plain, (e_default, e_plain)
+
+
+def test_act_error_ratio_smooths_only_the_fc2_with_the_outlier(batches: list[Tensor]) -> None:
+    """The robust preset smooths an ``fc2`` input only where that halves the layer's error (its
+    factor costs the int8 runtime a per-channel division): the block with the injected massive
+    GELU channel, not the plain ones."""
+    from vitquant.models.outliers import inject_gelu_outliers
+
+    model = make_model()
+    inject_gelu_outliers(model, batches, block=1, target_ratio=100.0)
+    q = calibrate(prepare(copy.deepcopy(model), QuantConfig(wbits=8, abits=8)), batches,
+                  progress=False)  # fmt: skip
+    act = {d.name: d for d in smoothing_report(q) if d.kind == "act"}
+    assert act["blocks.1.mlp.fc2"].alpha == 0.5
+    assert q.blocks[1].mlp.fc2.smooth_scale is not None
+    plain = [n for n in act if n != "blocks.1.mlp.fc2"]
+    assert plain and all(act[n].alpha is None for n in plain)
+    assert all(q.get_submodule(n).smooth_scale is None for n in plain)
+    assert all(act[n].error == act[n].unsmoothed_error for n in plain)
+    with pytest.raises(ConfigError, match="act_error_ratio"):
+        smooth(prepare(copy.deepcopy(model), CFG), batches, 0.5, act_error_ratio=2.0)

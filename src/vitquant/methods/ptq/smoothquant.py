@@ -337,6 +337,7 @@ def smooth(
     max_rows: int | None = 1024,
     seed: int = 0,
     progress: bool = True,
+    act_error_ratio: float | None = None,
 ) -> list[SmoothLayer]:
     """Applies SmoothQuant's migration to a prepared, not yet calibrated model, in place.
 
@@ -361,6 +362,11 @@ def smooth(
             channel maxima use every token.
         seed: the sample's seed.
         progress: tqdm progress bars (statistics pass, then layers).
+        act_error_ratio: smooth an ``"act"`` layer (``fc2``) only where it brings that layer's
+            quantized output error down to this fraction of the unsmoothed error or below (None:
+            always). Unlike the LayerNorm folds, an ``fc2`` factor costs the int8 runtime a
+            per-channel division in its input quantization, which pays only where ``fc2``'s
+            input has outlier channels (the ``robust`` preset uses 0.5).
 
     Returns:
         One :class:`SmoothLayer` per smoothed layer, in model order (also appended to
@@ -391,6 +397,8 @@ def smooth(
         raise ConfigError(f"percentile={percentile} must be in (0, 100]")
     if max_rows is not None and (isinstance(max_rows, bool) or int(max_rows) < 1):
         raise ConfigError(f"max_rows={max_rows} must be at least 1 (or None)")
+    if act_error_ratio is not None and not 0.0 < float(act_error_ratio) <= 1.0:
+        raise ConfigError(f"act_error_ratio={act_error_ratio} must be in (0, 1] (or None)")
     pairs = _targets(model, kinds)
     if not pairs:
         warnings.warn("smooth: no layer to smooth (no quantized LayerNorm/MLP input)", stacklevel=3)
@@ -420,6 +428,8 @@ def smooth(
             if err < best[0]:
                 best = (err, a, s)
         err, chosen, s = best
+        if p.kind == "act" and act_error_ratio is not None and err > act_error_ratio * base:
+            err, chosen, s = base, None, None  # not worth the runtime's per-channel division
         if s is not None:
             apply_channel_scale(p, s)
         scale = s if s is not None else torch.ones_like(search.act_max)
@@ -430,7 +440,7 @@ def smooth(
 
 _PASS_OPTIONS = (
     "alpha", "kinds", "alphas", "method", "percentile", "weight_method", "max_rows", "seed",
-    "progress",
+    "progress", "act_error_ratio",
 )  # fmt: skip
 
 
@@ -440,8 +450,9 @@ class SmoothPass(CalibrationPass):
 
     Options (``QuantConfig.pass_options["smooth"]``): ``alpha`` (default ``"search"``),
     ``kinds``, ``alphas``, ``method``, ``percentile``, ``weight_method``, ``max_rows``, ``seed``,
-    ``progress``, as :func:`smooth` (so a model calibrated already is refused: smooth a freshly
-    prepared one). The records are in :attr:`layers` and :func:`smoothing_report`.
+    ``progress``, ``act_error_ratio``, as :func:`smooth` (so a model calibrated already is
+    refused: smooth a freshly prepared one). The records are in :attr:`layers` and
+    :func:`smoothing_report`.
     """
 
     name = "smooth"
