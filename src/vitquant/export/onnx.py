@@ -34,6 +34,10 @@ counts them in a written file, runs it on onnxruntime's CPU provider and measure
 with the fake-quant model (``docs/onnx.md``).
 
 ``onnx`` and ``onnxruntime`` are optional (``pip install 'vitquant[onnx]'``).
+
+Length: just over 500 lines because the two exporters' symbolic functions, the module swap that
+routes every quantizer through them and the export entry point share the QDQ parameter mapping;
+counting, running and comparing live in :mod:`vitquant.export.onnx_run`.
 """
 
 from __future__ import annotations
