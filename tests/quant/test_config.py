@@ -21,7 +21,13 @@ def test_defaults_and_aliases() -> None:
     )
     # a config's own options update the preset's
     tuned = QuantConfig(pass_options={"smooth": {"alpha": "search"}})
-    assert tuned.effective_pass_options["smooth"] == {"alpha": "search", "progress": False}
+    assert tuned.effective_pass_options["smooth"] == {
+        "alpha": "search", "progress": False, "act_error_ratio": 0.5
+    }
+    # presets choose the calibrator unless the config names one
+    assert cfg.calibrator is None and cfg.effective_calibrator == "percentile"
+    assert QuantConfig("lowbit").effective_calibrator == "mse"
+    assert QuantConfig("lowbit", calibrator="max").effective_calibrator == "max"
     assert QuantConfig("ft2").effective_passes == []
     assert QuantConfig(preset="1").preset == "ft1"
     assert QuantConfig(preset="2").preset == "ft2"
