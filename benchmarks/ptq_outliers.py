@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import platform
 import time
@@ -51,7 +50,7 @@ def _fallback(bits: int, max_drop: float, val: list[tuple[Tensor, Tensor]]) -> R
     ``val`` is at most ``max_drop``, then reconstruction."""
 
     def run(model: nn.Module, batches: list[Tensor]) -> nn.Module:
-        from vitquant.methods.ptq import ReconstructPass, fallback
+        from vitquant.methods.ptq import fallback, reconstruct_with, without_reconstruction
 
         cfg = QuantConfig("lowbit", bits, bits, pass_options={"reconstruct": {"progress": False}})
         full = prepare(copy.deepcopy(model), cfg)
@@ -61,13 +60,11 @@ def _fallback(bits: int, max_drop: float, val: list[tuple[Tensor, Tensor]]) -> R
         if top1(model, x, y) - top1(full, x, y) <= max_drop:
             LAST_FALLBACK[:] = []
             return full
-        first = dataclasses.replace(cfg, passes=["smooth", "output_mse"])
-        q = prepare(copy.deepcopy(model), first)
+        q = prepare(copy.deepcopy(model), without_reconstruction(cfg))
         calibrate(q, batches, progress=False)
         report = fallback(model, q, val, calib_batches=batches, max_drop=max_drop, progress=False)
         LAST_FALLBACK[:] = [layer.name for layer in report.layers]
-        options = cfg.effective_pass_options["reconstruct"]
-        ReconstructPass(**{**options, "progress": False}).after_ranges(q, batches, cfg)
+        reconstruct_with(q, batches, cfg)
         return q
 
     return run

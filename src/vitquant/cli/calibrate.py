@@ -11,7 +11,6 @@ prints the quantizer table and writes ``<calib-output-path>/<model>_calib.pth`` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +203,7 @@ def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val
 def run(args: argparse.Namespace) -> int:
     """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
     from vitquant.errors import CheckpointError, ConfigError
+    from vitquant.methods.ptq.reconstruct_pass import reconstruct_with, without_reconstruction
     from vitquant.methods.ptq.sweep import config_label, run_ptq
     from vitquant.models import create_model
     from vitquant.quant import QuantConfig, format_summary, quant_summary, save_calibrated
@@ -263,18 +263,13 @@ def run(args: argparse.Namespace) -> int:
     elif late_reconstruct:
         # the fallback must see the float weights: calibrate without reconstruction, fallback,
         # then reconstruct (reconstruction moves the weights onto their low-bit grid)
-        first = dataclasses.replace(
-            config, passes=[p for p in config.effective_passes if p != "reconstruct"]
-        )
+        first = without_reconstruction(config)
         qmodel, row = run_ptq(model, first, calib, None, device=device, progress=progress)
     fallback_report = None
     if use_fallback:
         fallback_report = _fallback(args, model, qmodel, calib, val)
         if late_reconstruct:
-            from vitquant.methods.ptq.reconstruct_pass import ReconstructPass
-
-            options = config.effective_pass_options.get("reconstruct", {})
-            ReconstructPass(**options).after_ranges(qmodel, list(calib), config)
+            reconstruct_with(qmodel, list(calib), config)
     row.update(evaluate(qmodel, val, device))
     print(format_summary(quant_summary(qmodel)))
     print()

@@ -14,7 +14,12 @@ from torch import Tensor, nn
 
 from helpers import digits_batches, random_nano_vit
 from vitquant.errors import ConfigError
-from vitquant.methods.ptq import ReconstructConfig, reconstruct, reconstruct_report
+from vitquant.methods.ptq import (
+    ReconstructConfig,
+    reconstruct,
+    reconstruct_report,
+    without_reconstruction,
+)
 from vitquant.models.outliers import inject_outliers
 from vitquant.quant import QuantConfig, calibrate, prepare
 from vitquant.quant.passes import build_passes
@@ -61,6 +66,8 @@ def test_pass_equals_calibrate_then_reconstruct(
 def test_runs_after_the_other_passes() -> None:
     cfg = QuantConfig("ft1", 4, 4, passes=["reconstruct", "smooth", "output_mse"])
     assert [p.name for p in build_passes(cfg)] == ["smooth", "output_mse", "reconstruct"]
+    low = without_reconstruction(QuantConfig("lowbit", 4, 4))
+    assert low.effective_passes == ["smooth", "output_mse"] and low.preset == "lowbit"
 
 
 def test_unknown_option_is_a_clear_error() -> None:

@@ -17,7 +17,12 @@ from vitquant.methods.ptq.reconstruct import (
     ReconstructReport,
     reconstruct,
 )
-from vitquant.methods.ptq.reconstruct_pass import ReconstructPass, reconstruct_report
+from vitquant.methods.ptq.reconstruct_pass import (
+    ReconstructPass,
+    reconstruct_report,
+    reconstruct_with,
+    without_reconstruction,
+)
 from vitquant.methods.ptq.smoothquant import (
     SmoothLayer,
     SmoothPass,
@@ -48,4 +53,6 @@ __all__ = [
     "BlockReport",
     "ReconstructPass",
     "reconstruct_report",
+    "reconstruct_with",
+    "without_reconstruction",
 ]

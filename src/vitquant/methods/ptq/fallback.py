@@ -31,7 +31,6 @@ Its options and report (JSON, table) are in :mod:`vitquant.methods.ptq.fallback_
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
@@ -49,7 +48,7 @@ from vitquant.methods.ptq.fallback_report import (
     FallbackReport,
     FallbackStep,
 )
-from vitquant.methods.ptq.reconstruct_pass import reconstruct_report
+from vitquant.methods.ptq.reconstruct_pass import reconstruct_report, without_reconstruction
 from vitquant.quant import (
     QuantConfig,
     batch_input,
@@ -348,10 +347,7 @@ def fallback(
             "(calibrate without the reconstruct pass, fallback, then reconstruct)",
             stacklevel=2,
         )
-    # the ranking calibrates a copy per the config: without a (slow) reconstruction in it
-    rank_cfg = dataclasses.replace(
-        qcfg, passes=[p for p in qcfg.effective_passes if p != "reconstruct"]
-    )
+    rank_cfg = without_reconstruction(qcfg)  # the ranking calibrates a copy: no slow pass in it
     dev = _device(model_quantized)
     inputs, batch_labels = _take(batches, dev, "validation")
     n = sum(int(x.shape[0]) for x in inputs)

@@ -18,6 +18,7 @@ on the model (:func:`reconstruct_report`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from vitquant.quant.api import enable_quantization
 from vitquant.quant.config import QuantConfig
 from vitquant.quant.passes import CALIBRATION_PASSES, CalibrationPass
 
-__all__ = ["ReconstructPass", "reconstruct_report"]
+__all__ = ["ReconstructPass", "reconstruct_report", "without_reconstruction", "reconstruct_with"]
 
 _REPORT_ATTR = "_vitquant_reconstruct_report"
 
@@ -65,3 +66,20 @@ class ReconstructPass(CalibrationPass):
         enable_quantization(reference, False)
         report = reconstruct(reference, model, batches, self.config)
         setattr(model, _REPORT_ATTR, report)
+
+
+def without_reconstruction(config: QuantConfig) -> QuantConfig:
+    """``config`` with the ``reconstruct`` pass taken out (its other passes kept), for work that
+    must see the float weights before reconstruction moves them onto their low-bit grid."""
+    passes = [p for p in config.effective_passes if p != ReconstructPass.name]
+    return dataclasses.replace(config, passes=passes)
+
+
+def reconstruct_with(
+    model: nn.Module, batches: Sequence[Any], config: QuantConfig, **options: Any
+) -> ReconstructReport | None:
+    """Runs ``config``'s ``reconstruct`` pass (its options, updated by ``options``) on a model
+    calibrated with :func:`without_reconstruction` of it; returns the pass's report."""
+    merged = {**config.effective_pass_options.get(ReconstructPass.name, {}), **options}
+    ReconstructPass(**merged).after_ranges(model, batches, config)
+    return reconstruct_report(model)
