@@ -19,7 +19,9 @@ Variants (``--variants`` picks a subset):
   compiled with Inductor freezing, calibrated on random images;
 * ``vitquant-int8`` / ``vitquant-int8-compiled``: ``prepare(ft1 W8A8) -> calibrate -> lower``,
   eager and ``torch.compile``; ``vitquant-int8-bf16`` (``-compiled``): the same with
-  ``lower(..., float_dtype=torch.bfloat16)``.
+  ``lower(..., float_dtype=torch.bfloat16)``; ``vitquant-int8-loop-compiled``: compiled with
+  the previous attention path forced (``lower(..., attention="loop")``: one ``torch._int_mm``
+  per head on one thread, softmax in Inductor), to measure the native VNNI attention kernels.
 
 Usage::
 
@@ -59,12 +61,14 @@ from vitquant.runtime import lower, lowering_report  # noqa: E402
 ALL = (
     "timm-fp32", "vitquant-fp32", "bf16", "bf16-compiled", "quantize_dynamic", "torchao-int8",
     "torchao-int8-compiled", "pt2e-x86-compiled", "vitquant-int8", "vitquant-int8-compiled",
-    "vitquant-int8-bf16", "vitquant-int8-bf16-compiled",
+    "vitquant-int8-bf16", "vitquant-int8-bf16-compiled", "vitquant-int8-loop-compiled",
 )  # fmt: skip
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _vitquant_int8(name: str, float_dtype: torch.dtype, info: dict[str, Any]) -> nn.Module:
+def _vitquant_int8(
+    name: str, float_dtype: torch.dtype, info: dict[str, Any], attention: str | None = None
+) -> nn.Module:
     torch.manual_seed(0)
     q = prepare(vitquant.create_model(name).eval(), QuantConfig(preset="ft1", wbits=8, abits=8))
     calibrate(q, [torch.randn(2, 3, 224, 224)], method="max", progress=False)
@@ -73,12 +77,12 @@ def _vitquant_int8(name: str, float_dtype: torch.dtype, info: dict[str, Any]) ->
         fake = q(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        low = lower(q, float_dtype=float_dtype)
+        low = lower(q, float_dtype=float_dtype, attention=attention)
     with torch.inference_mode():
         diff = (low(x) - fake).abs().max().item()
     rep = lowering_report(low)
-    info[f"lowering_{rep['float_dtype']}"] = {
-        k: rep[k] for k in ("backend", "isa", "attention", "float_dtype")
+    info[f"lowering_{rep['float_dtype']}_{rep['attention']}"] = {
+        k: rep[k] for k in ("backend", "isa", "attention", "attention_note", "float_dtype")
     } | {"max_abs_logit_diff_vs_fakequant": diff, "max_abs_logit": fake.abs().max().item()}
     return low
 
@@ -131,7 +135,7 @@ def build(variant: str, name: str, batch: int, info: dict[str, Any]) -> Callable
         m = _pt2e(timm_fp32(name), batch)
     elif variant.startswith("vitquant-int8"):
         dt = torch.bfloat16 if "-bf16" in variant else torch.float32
-        m = _vitquant_int8(name, dt, info)
+        m = _vitquant_int8(name, dt, info, "loop" if "-loop" in variant else None)
     else:
         raise SystemExit(f"unknown variant {variant!r}; use some of {', '.join(ALL)}")
     if variant.endswith("-compiled") and variant != "pt2e-x86-compiled":

@@ -109,7 +109,7 @@ def test_int8_bmm_with_zero_points_on_attention_shapes(method: str, zps: tuple[i
 
 def test_unknown_method_refused() -> None:
     a = torch.zeros(2, 4, 4, dtype=torch.int8)
-    with pytest.raises(ConfigError, match="batched or loop"):
+    with pytest.raises(ConfigError, match="batched, vnni or loop"):
         int_bmm(a, a, method="cublas")
 
 

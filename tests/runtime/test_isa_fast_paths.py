@@ -14,7 +14,7 @@ import vitquant
 from helpers import randomize_affine
 from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, calibrate, prepare
-from vitquant.runtime import Int8Block, lower, lowering_report, onednn_available
+from vitquant.runtime import Int8Block, lower, lowering_report, native, onednn_available
 from vitquant.runtime.isa import ISA_LEVELS, cpu_flags, cpu_isa
 from vitquant.runtime.kernels import ActQ, int_bmm, quantize_act, quantize_fast
 
@@ -45,7 +45,7 @@ def test_detected_level_follows_the_cpu_flags() -> None:
     if {"amx_int8", "amx_tile"} <= flags:
         assert isa.detected == "amx" and isa.attention_method == "batched"
     elif "avx512_vnni" in flags:
-        assert isa.detected == "avx512_vnni" and isa.attention_method == "loop"
+        assert isa.detected == "avx512_vnni" and isa.attention_method == "vnni"
         assert isa.bf16 == ("avx512_bf16" in flags)
 
 
@@ -89,6 +89,8 @@ def test_report_names_isa_attention_and_float_dtype() -> None:
     assert rep["isa"]["level"] == isa.level and rep["float_dtype"] == "float32"
     if isa.attention_method == "batched":
         assert rep["attention"] == ("batched-bf16" if isa.bf16 else "batched")
+    elif isa.attention_method == "vnni" and native.available():
+        assert rep["attention"] == "vnni" and rep["attention_note"] == ""
     else:
         assert rep["attention"] == "loop"
     ref = lower(_calibrated(), "reference", warn=False)
@@ -216,10 +218,13 @@ def test_lowered_model_compiles_with_inductor(float_dtype: torch.dtype) -> None:
     assert rel < 0.02 and agree == 1.0
 
 
-@pytest.mark.parametrize("attention", ["batched", "batched-bf16"])
+@pytest.mark.parametrize("attention", ["batched", "batched-bf16", "vnni"])
 def test_batched_attention_computes_the_loops_integers(attention: str) -> None:
-    """The AMX path (one exact float GEMM for all heads, bfloat16 on CPUs that have it) and the
-    per-head int8 loop produce identical integer products, hence identical logits."""
+    """The AMX path (one exact float GEMM for all heads, bfloat16 on CPUs that have it), the
+    native VNNI kernel and the per-head int8 loop produce identical integer products, hence
+    identical logits."""
+    if attention == "vnni" and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.why_unavailable()}")
     m = _calibrated()
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():

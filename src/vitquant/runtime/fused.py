@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitquant.runtime import native, ops
 from vitquant.runtime.kernels import ActQ, quantize_act, quantize_fast
 from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active, rescale
 
@@ -123,6 +124,11 @@ class Int8Attention(nn.Module):
             self.proj_scale = proj.weight.scale * proj_gamma
             self.proj_bias = None if proj.bias is None else proj.bias * proj_gamma
         self._fold_qkv()
+        #: (alpha, scale, zero point, lo, hi) of the native q·kᵀ-softmax-quantize kernel
+        self.softmax_codes = self._fused_softmax()
+        #: (mul, scale, zero point, lo, hi, dtype) of the native attn·v kernel that quantizes
+        #: for ``proj`` in its epilogue
+        self.av_codes = self._fused_av()
         # probabilities are in [0, 1]: their codes need no clamp when 1 maps inside the grid
         self.p_clamp = True
         if self.av is not None:
@@ -153,6 +159,46 @@ class Int8Attention(nn.Module):
         self.qkv_bias = None if self.qkv.bias is None else self.qkv.bias / div
         self.qkv_codes = ActQ(1.0, 0, lo, hi)
 
+    def _fused_softmax(self) -> tuple[float, float, int, int, int] | None:
+        """The arguments of :func:`~vitquant.runtime.native.qk_softmax` when q·kᵀ, softmax and
+        the probabilities' quantization can run as that one kernel (q/k/v codes from the qkv
+        epilogue, the ``vnni`` attention method, a plain softmax, no after-GEMM quantizers)."""
+        qk, av = self.qk, self.av
+        if self.qkv_codes is None or qk is None or av is None or qk.method != "vnni":
+            return None
+        if self.backend == "reference" or qk.output_quantizer is not None:
+            return None
+        sm = self.softmax
+        if not isinstance(sm, nn.Softmax) or sm.dim not in (-1, 3):
+            return None
+        if _is_active(getattr(sm, "input_quantizer", None)) or av.output_quantizer is not None:
+            return None
+        a = av.a
+        off = a.offset(torch.int8)
+        zp, lo, hi = a.zero_point + off, a.qmin + off, a.qmax + off
+        if not (-128 <= lo <= hi <= 127 and -128 <= zp <= 127):
+            return None
+        return qk.a.scale * qk.b.scale, a.scale, zp, lo, hi
+
+    def _fused_av(self) -> tuple[float, float, int, int, int, torch.dtype] | None:
+        """The arguments of :func:`~vitquant.runtime.native.vnni_bmm_quant` when attn·v can
+        write ``proj``'s input codes directly (the ``vnni`` method, zero points of zero, no
+        SmoothQuant divisors on ``proj``'s input)."""
+        av, p = self.av, self.proj
+        if av is None or av.method != "vnni" or self.backend == "reference":
+            return None
+        if av.output_quantizer is not None or p.in_div is not None:
+            return None
+        if av.a.zero_point + av.a.offset(torch.int8) or av.b.zero_point + av.b.offset(torch.int8):
+            return None
+        pa = p.act
+        off = pa.offset(p.dtype)
+        lo, hi = pa.qmin + off, pa.qmax + off
+        bound = (0, 255) if p.dtype == torch.uint8 else (-128, 127)
+        if not bound[0] <= lo <= hi <= bound[1]:
+            return None
+        return av.a.scale * av.b.scale, pa.scale, pa.zero_point + off, lo, hi, p.dtype
+
     def forward(
         self, x: Tensor, residual: Tensor | None = None, xq: Tensor | None = None
     ) -> Tensor:
@@ -174,6 +220,12 @@ class Int8Attention(nn.Module):
             q8, k8, v8 = codes[0], codes[1], codes[2]
             if not fast:
                 v8 = v8.contiguous()
+            if self.softmax_codes is not None:  # one native kernel up to the codes of p
+                if torch.compiler.is_compiling():
+                    pq = ops.qk_softmax(q8, k8.transpose(-2, -1), *self.softmax_codes)
+                else:
+                    pq = native.qk_softmax(q8, k8.transpose(-2, -1), *self.softmax_codes)
+                return self._av(pq, v8, b, n, c, residual)
             scores = qk.product(q8, k8.transpose(-2, -1))
             attn = rescale(scores, qk.a.scale * qk.b.scale)
         else:
@@ -194,27 +246,42 @@ class Int8Attention(nn.Module):
                 pq = quantize_act(attn, av.a, torch.int8, clamp=self.p_clamp)
             if v8 is None:
                 v8 = av.quantize(v, av.b)
-            acc = av.product(pq, v8)
-            pa = self.proj.act
-            if self.proj.in_div is not None:  # smoothed: per-channel divisors, [B, N, C]
-                o = torch.mul(acc, av.a.scale * av.b.scale).float().transpose(1, 2)
-                oq = self.proj.quantize_input(o.reshape(b, n, c))
-                return self._proj(oq, residual)
-            if fast:  # rescale, then one transposing quantize pass into [B, N, H, D]
-                o = rescale(acc, av.a.scale * av.b.scale)
-                oq = quantize_fast(o.transpose(1, 2), pa, self.proj.dtype).reshape(b, n, c)
-                return self._proj(oq, residual)
-            shift = pa.zero_point + pa.offset(self.proj.dtype)
-            # (acc * s_p * s_v) / s_proj + zero point + storage offset in one pass
-            o = torch.add(self._shift(shift, acc), acc, alpha=av.a.scale * av.b.scale / pa.scale)
-            oq = quantize_act(
-                o.transpose(1, 2), pa, self.proj.dtype, scaled=True, shifted=True, offset_in=True
-            ).reshape(b, n, c)
-        else:
-            if v8 is not None:  # v was produced as codes: dequantize for the float matmul
-                v = v8.float() * av.b.scale  # type: ignore[union-attr]
-            o = (av or self.av_float)(attn, v).transpose(1, 2).reshape(b, n, c)
-            oq = self.proj.quantize_input(o)
+            return self._av(pq, v8, b, n, c, residual)
+        if v8 is not None:  # v was produced as codes: dequantize for the float matmul
+            v = v8.float() * av.b.scale  # type: ignore[union-attr]
+        o = (av or self.av_float)(attn, v).transpose(1, 2).reshape(b, n, c)
+        oq = self.proj.quantize_input(o)
+        return self._proj(oq, residual)
+
+    def _av(
+        self, pq: Tensor, v8: Tensor, b: int, n: int, c: int, residual: Tensor | None
+    ) -> Tensor:
+        """attn·v on the codes of p and v, quantized for ``proj``, then ``proj``."""
+        av = self.av
+        assert av is not None
+        fast = self.backend != "reference"
+        if self.av_codes is not None and v8.dtype == torch.int8:  # codes of proj's input
+            if torch.compiler.is_compiling():
+                oq = ops.vnni_bmm_quant(pq, v8, *self.av_codes, True)
+            else:
+                oq = native.vnni_bmm_quant(pq, v8, *self.av_codes, heads_last=True)
+            return self._proj(oq.reshape(b, n, c), residual)
+        acc = av.product(pq, v8)
+        pa = self.proj.act
+        if self.proj.in_div is not None:  # smoothed: per-channel divisors, [B, N, C]
+            o = torch.mul(acc, av.a.scale * av.b.scale).float().transpose(1, 2)
+            oq = self.proj.quantize_input(o.reshape(b, n, c))
+            return self._proj(oq, residual)
+        if fast:  # rescale, then one transposing quantize pass into [B, N, H, D]
+            o = rescale(acc, av.a.scale * av.b.scale)
+            oq = quantize_fast(o.transpose(1, 2), pa, self.proj.dtype).reshape(b, n, c)
+            return self._proj(oq, residual)
+        shift = pa.zero_point + pa.offset(self.proj.dtype)
+        # (acc * s_p * s_v) / s_proj + zero point + storage offset in one pass
+        o = torch.add(self._shift(shift, acc), acc, alpha=av.a.scale * av.b.scale / pa.scale)
+        oq = quantize_act(
+            o.transpose(1, 2), pa, self.proj.dtype, scaled=True, shifted=True, offset_in=True
+        ).reshape(b, n, c)
         return self._proj(oq, residual)
 
     @staticmethod

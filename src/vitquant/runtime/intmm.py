@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitquant.errors import ConfigError
-from vitquant.runtime import ops
+from vitquant.runtime import native, ops
 
 __all__ = [
     "INT_MM_MULTIPLE",
@@ -143,7 +143,11 @@ def int_bmm(
       kernel for all batch entries and heads, no padding. ``bf16=True`` lets oneDNN run it in
       bfloat16 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): still exact, since
       every code fits bfloat16's 8-bit mantissa and the products accumulate in float32;
-    * ``method="loop"`` (CPU default without AMX): one ``torch._int_mm`` per batch entry and
+    * ``method="vnni"`` (CPU default with AVX512-VNNI and no AMX): all batch entries and heads
+      in one call of the native kernel :func:`~vitquant.runtime.native.vnni_bmm` (exact int8
+      ``vpdpbusd`` products, split over torch's threads); where it is unavailable
+      (:func:`~vitquant.runtime.native.why_unavailable`), the ``"loop"`` below;
+    * ``method="loop"``: one ``torch._int_mm`` per batch entry and
       head on views into one int32 buffer (:func:`~vitquant.runtime.ops.int_mm_loop_eager`), on
       one thread: each small GEMM is faster than the parallel region it would open, and on
       AVX512-VNNI/AVX2 CPUs the int8 GEMMs beat a float32 or bfloat16 ``bmm`` (measured on
@@ -154,7 +158,7 @@ def int_bmm(
     Args:
         a: int8 (or uint8, ``batched`` only) codes ``[..., M, K]``.
         b: int8 codes ``[..., K, N]``; batch dimensions broadcast.
-        method: ``"batched"`` or ``"loop"`` (None: by device).
+        method: ``"batched"``, ``"vnni"`` or ``"loop"`` (None: by device).
         pad: for ``"loop"`` and 2-D operands.
         bf16: for ``"batched"`` on the CPU: allow bfloat16 arithmetic (exact).
         float_out: for ``"batched"`` with one slice (``K <= exact_float_chunk``): return the
@@ -163,8 +167,10 @@ def int_bmm(
     """
     if method is None:
         method = "batched" if a.is_cuda else "loop"
-    if method not in ("batched", "loop"):
-        raise ConfigError(f"unknown batched int8 matmul method {method!r}; use batched or loop")
+    if method not in ("batched", "vnni", "loop"):
+        raise ConfigError(
+            f"unknown batched int8 matmul method {method!r}; use batched, vnni or loop"
+        )
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.expand(*batch, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:])
@@ -188,6 +194,11 @@ def int_bmm(
         return out
     if min(m, k, n) == 0:
         return torch.zeros(*batch, m, n, dtype=torch.int32, device=a.device)
+    vnni = method == "vnni" and not (a.is_cuda or pad) and b.dtype == torch.int8
+    if vnni and torch.compiler.is_compiling():
+        return ops.vnni_bmm(a, b)
+    if vnni and native.available():
+        return native.vnni_bmm(a, b)
     if a.is_cuda or pad:
         out = torch.empty(*batch, m, n, dtype=torch.int32, device=a.device)
         for x, y, o in zip(a.reshape(-1, m, k).unbind(0), b.reshape(-1, k, n).unbind(0),

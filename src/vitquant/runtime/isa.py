@@ -7,10 +7,12 @@ vector unit (``torch.backends.cpu.get_cpu_capability()``) and sorts the CPU into
   GEMMs run on AMX tiles, and float32 matmuls on integer codes may run in bfloat16 on AMX
   exactly (every code fits bfloat16's mantissa, AMX accumulates in float32), so the attention
   matmuls of all heads run as one batched matmul;
-* ``"avx512_vnni"``: AVX512 with VNNI (``vpdpbusd``; Cascade Lake, AMD Zen 4/5). Small per-head
-  int8 GEMMs (``torch._int_mm``) beat a float32 or bfloat16 ``bmm`` here (measured on Zen 5,
-  see ``docs/int8.md``), so attention loops over heads on one thread;
-* ``"avx2"``: AVX2 (``vpmaddubsw``); same kernel choice as VNNI, oneDNN runs its AVX2 code;
+* ``"avx512_vnni"``: AVX512 with VNNI (``vpdpbusd``; Cascade Lake, AMD Zen 4/5). Integer
+  GEMMs beat a float32 or bfloat16 ``bmm`` here (measured on Zen 5, see ``docs/int8.md``), so
+  attention runs vitquant's native VNNI kernel for all heads at once
+  (:mod:`vitquant.runtime.native`; where it cannot be built, a per-head ``torch._int_mm`` loop);
+* ``"avx2"``: AVX2 (``vpmaddubsw``); attention loops over heads on one thread (``_int_mm``),
+  oneDNN runs its AVX2 code;
 * ``"default"``: no AVX2. oneDNN's uint8 path is not worth it: linears use ``torch._int_mm``.
 
 ``VITQUANT_ISA`` (one of :data:`ISA_LEVELS`) or ``lower(..., isa=...)`` forces a *lower* level,
@@ -99,7 +101,7 @@ class CpuIsa:
     @property
     def attention_method(self) -> str:
         """How :func:`~vitquant.runtime.kernels.int_bmm` runs attention on the CPU."""
-        return "batched" if self.level == "amx" else "loop"
+        return {"amx": "batched", "avx512_vnni": "vnni"}.get(self.level, "loop")
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vitquant.errors import ConfigError
+from vitquant.runtime import native
 from vitquant.runtime.fused import Int8Block
 from vitquant.runtime.isa import cpu_isa
 from vitquant.runtime.kernels import check_backend, onednn_available
@@ -57,15 +58,17 @@ def is_lowered(model: nn.Module) -> bool:
 
 
 def lowering_report(model: nn.Module) -> dict[str, Any]:
-    """What :func:`lower` did: ``{"backend", "isa", "attention", "float_dtype", "blocks",
-    "linears", "matmuls", "smoothed", "kept"}``.
+    """What :func:`lower` did: ``{"backend", "isa", "attention", "attention_note",
+    "float_dtype", "blocks", "linears", "matmuls", "smoothed", "kept"}``.
 
     ``isa`` is :meth:`~vitquant.runtime.isa.CpuIsa.as_dict` (level taken, level detected, flags;
-    None on CUDA); ``attention`` the method of the q·kᵀ / attn·v products (``"loop"``: int8
-    GEMM per head, ``"batched"``: one exact float GEMM for all heads, ``"batched-bf16"``: the
-    same in bfloat16, ``"reference"``); ``blocks``/``linears``/``matmuls`` list the names of
-    the lowered modules; ``smoothed`` the integer linears (inside blocks too) whose input
-    quantization carries SmoothQuant factors; ``kept`` maps the name of each quantized module
+    None on CUDA); ``attention`` the method of the q·kᵀ / attn·v products (``"vnni"``: the
+    native AVX512-VNNI kernel, ``"loop"``: int8 GEMM per head, ``"batched"``: one exact float
+    GEMM for all heads, ``"batched-bf16"``: the same in bfloat16, ``"reference"``);
+    ``attention_note`` why the ISA's choice was not taken ("" when it was);
+    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules; ``smoothed`` the
+    integer linears (inside blocks too) whose input quantization carries SmoothQuant factors;
+    ``kept`` maps the name of each quantized module
     left in fake-quant float to the reason.
     """
     if not is_lowered(model):
@@ -116,7 +119,8 @@ def lower(
             AMX; elsewhere it works but torch emulates bfloat16). The output stays float32.
         isa: force a CPU level below the detected one (``"avx512_vnni"``, ``"avx2"``,
             ``"default"``; None: ``$VITQUANT_ISA`` or the CPU's own), to run the fallbacks.
-        attention: override the ISA's choice for q·kᵀ / attn·v: ``"loop"`` (int8 GEMM per
+        attention: override the ISA's choice for q·kᵀ / attn·v: ``"vnni"`` (vitquant's
+            native AVX512-VNNI kernel, all heads in one call), ``"loop"`` (int8 GEMM per
             head), ``"batched"`` (one exact float32 GEMM) or ``"batched-bf16"`` (the same in
             bfloat16); None: by ISA. Every choice computes the same integers.
 
@@ -148,19 +152,27 @@ def lower(
     backend = check_backend(backend, dev)
     if attention is None:
         attention, bf16_mm = _attention_method(backend, dev, level)
-    elif attention in ("loop", "batched", "batched-bf16"):
+    elif attention in ("loop", "vnni", "batched", "batched-bf16"):
         attention, bf16_mm = attention.removesuffix("-bf16"), attention.endswith("-bf16")
         if backend == "reference":
             attention, bf16_mm = "reference", False
+        elif attention == "vnni" and (dev.type != "cpu" or not native.available()):
+            why = "it runs on the CPU" if dev.type != "cpu" else native.why_unavailable()
+            raise ConfigError(f"attention='vnni' is unavailable: {why}")
     else:
         raise ConfigError(
-            f"unknown attention method {attention!r}; use loop, batched or batched-bf16"
+            f"unknown attention method {attention!r}; use loop, vnni, batched or batched-bf16"
         )
     model.eval()
     report: dict[str, Any] = {
         "backend": backend,
         "isa": None if level is None else level.as_dict(),
         "attention": "batched-bf16" if bf16_mm else attention,
+        "attention_note": (
+            f"native VNNI kernel unavailable ({native.why_unavailable()}): per-head loop"
+            if level is not None and level.attention_method == "vnni" and attention == "loop"
+            else ""
+        ),
         "float_dtype": str(float_dtype).replace("torch.", ""),
         "blocks": [],
         "linears": [],
@@ -223,6 +235,8 @@ def _attention_method(backend: str, dev: torch.device, level: Any) -> tuple[str,
     if dev.type != "cpu" or level is None:
         return "batched", False
     method = level.attention_method
+    if method == "vnni" and not native.available():
+        method = "loop"
     return method, method == "batched" and level.bf16
 
 

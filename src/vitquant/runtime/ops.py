@@ -12,7 +12,11 @@ loops) and calls them as external kernels:
   integer handle into :data:`_PACKED` (weakly held: the ``PackedWeight`` owns it);
 * ``vitquant::int_mm_loop``: the per-head ``torch._int_mm`` loop of the attention matmuls on
   the CPU (one small GEMM per head on one thread), which traced op by op would be hundreds of
-  graph nodes and a thread-count change Dynamo cannot trace.
+  graph nodes and a thread-count change Dynamo cannot trace;
+* ``vitquant::vnni_bmm``, ``vitquant::vnni_bmm_quant`` and ``vitquant::qk_softmax``: the
+  native AVX512-VNNI kernels of all heads' attention products (:mod:`vitquant.runtime.native`:
+  int32 out, quantized out, and q·kᵀ fused with softmax and quantization), ``ctypes`` calls
+  Dynamo cannot trace.
 
 Graphs that hold ``onednn_qlinear`` are tied to the process that packed the weights (the
 handle); ``torch.export`` of such graphs is not portable across processes.
@@ -26,7 +30,10 @@ import weakref
 import torch
 from torch import Tensor
 
-__all__ = ["register_packed", "onednn_qlinear", "int_mm_loop", "int_mm_loop_eager"]
+__all__ = [
+    "register_packed", "onednn_qlinear", "int_mm_loop", "int_mm_loop_eager", "vnni_bmm",
+    "qk_softmax", "vnni_bmm_quant",
+]  # fmt: skip
 
 _PACKED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _COUNTER = itertools.count(1)
@@ -122,3 +129,70 @@ def int_mm_loop(a: Tensor, b: Tensor) -> Tensor:
 @int_mm_loop.register_fake
 def _(a: Tensor, b: Tensor) -> Tensor:
     return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.custom_op("vitquant::vnni_bmm", mutates_args=())
+def vnni_bmm(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`vitquant.runtime.native.vnni_bmm` as an opaque operator (for ``torch.compile``);
+    :func:`int_mm_loop_eager` where the native kernel is unavailable."""
+    from vitquant.runtime import native
+
+    return native.vnni_bmm(a, b) if native.available() else int_mm_loop_eager(a, b)
+
+
+@vnni_bmm.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.custom_op("vitquant::qk_softmax", mutates_args=())
+def qk_softmax(
+    q: Tensor, kt: Tensor, alpha: float, scale: float, zero_point: int, lo: int, hi: int
+) -> Tensor:
+    """:func:`vitquant.runtime.native.qk_softmax` as an opaque operator (``torch.compile``)."""
+    from vitquant.runtime import native
+
+    return native.qk_softmax(q, kt, alpha, scale, zero_point, lo, hi)
+
+
+@qk_softmax.register_fake
+def _(
+    q: Tensor, kt: Tensor, alpha: float, scale: float, zero_point: int, lo: int, hi: int
+) -> Tensor:
+    return q.new_empty((*q.shape[:-1], kt.shape[-1]), dtype=torch.int8)
+
+
+@torch.library.custom_op("vitquant::vnni_bmm_quant", mutates_args=())
+def vnni_bmm_quant(
+    a: Tensor,
+    b: Tensor,
+    mul: float,
+    scale: float,
+    zero_point: int,
+    lo: int,
+    hi: int,
+    dtype: torch.dtype,
+    heads_last: bool,
+) -> Tensor:
+    """:func:`vitquant.runtime.native.vnni_bmm_quant` as an opaque operator."""
+    from vitquant.runtime import native
+
+    return native.vnni_bmm_quant(a, b, mul, scale, zero_point, lo, hi, dtype, heads_last=heads_last)
+
+
+@vnni_bmm_quant.register_fake
+def _(
+    a: Tensor,
+    b: Tensor,
+    mul: float,
+    scale: float,
+    zero_point: int,
+    lo: int,
+    hi: int,
+    dtype: torch.dtype,
+    heads_last: bool,
+) -> Tensor:
+    n = b.shape[-1]
+    if heads_last:
+        return a.new_empty((a.shape[0], a.shape[2], a.shape[1], n), dtype=dtype)
+    return a.new_empty((*a.shape[:-1], n), dtype=dtype)

@@ -1,0 +1,287 @@
+"""vitquant's own CPU kernels in C, built on first use with the system C compiler.
+
+Two kernels, on AVX512-VNNI ``vpdpbusd``, all batch entries and heads in one call split over
+torch's OpenMP threads (``csrc/vnni_bmm.c`` says how):
+
+* :func:`vnni_bmm`: the exact batched int8 products of attention (q·kᵀ, attn·v), int32 out. It
+  replaces a loop of one ``torch._int_mm`` per head on one thread, which on Zen 5 spends most of
+  its time outside the GEMM (see ``docs/int8.md``);
+* :func:`vnni_bmm_quant`: the same product with each result quantized to one byte in the
+  kernel's epilogue, written in any layout: attn·v goes straight to the uint8 codes of
+  ``proj``'s input in ``[B, N, H·D]`` order (no int32 tensor, no transposing pass);
+* :func:`qk_softmax`: q·kᵀ, rescale, softmax and quantization of the probabilities in one pass,
+  the scores of six rows at a time kept in L1: the int32 scores are never written out (15 MB per
+  layer for ViT-B at batch 8). The probabilities are those of ``torch.softmax`` up to float
+  rounding (the exponential is Cephes' ``expf`` polynomial, within 2 ulp), so a code may differ
+  by one step where a probability lies within an ulp of a rounding midpoint.
+
+The source ships with the package; the first call compiles it (``$CC``, else ``cc``/``gcc``;
+about a second) into ``$VITQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vitquant`` or
+``~/.cache/vitquant``), named by a hash of the source, flags and compiler, written to a
+temporary file and renamed, so concurrent first calls are safe and later processes reuse it.
+The library is loaded with ``ctypes``; it links the OpenMP runtime torch has already loaded
+(the same ``libgomp.so.1``), so ``torch.set_num_threads`` sets its thread count too.
+
+Where the CPU lacks AVX512-VNNI, no compiler is found, the build fails or ``VITQUANT_NATIVE=0``
+is set, :func:`available` is False, :func:`why_unavailable` says why, and the runtime uses its
+``torch._int_mm`` loop; results are the same integers either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vitquant.errors import ConfigError
+from vitquant.runtime.isa import cpu_flags
+
+__all__ = [
+    "available", "why_unavailable", "vnni_bmm", "vnni_bmm_quant", "qk_softmax", "library_path",
+]  # fmt: skip
+
+_SOURCE = "vnni_bmm.c"
+_FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-fPIC",
+          "-shared")  # fmt: skip
+_NEEDS = ("avx512f", "avx512bw", "avx512_vnni")
+_ENV = "VITQUANT_NATIVE"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VITQUANT_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vitquant"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str, src: bytes, out: Path) -> None:
+    """Compiles ``src`` into ``out`` atomically (temporary file in the same folder, rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        c_file = Path(tmp) / _SOURCE
+        c_file.write_bytes(src)
+        lib = Path(tmp) / out.name
+        proc = subprocess.run(
+            [cc, *_FLAGS, str(c_file), "-o", str(lib)], capture_output=True, text=True, timeout=120
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-400:]}")
+        os.replace(lib, out)
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why)."""
+    if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {_ENV}=0"
+    missing = [f for f in _NEEDS if f not in cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC)"
+    src = resources.files("vitquant.runtime").joinpath("csrc", _SOURCE).read_bytes()
+    try:
+        version = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"cannot run {cc}: {e}"
+    key = hashlib.sha1(src + " ".join((*_FLAGS, version)).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"vnni_bmm-{key}.so"
+    try:
+        if not path.exists():
+            _build(cc, src, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"build failed: {e}"
+    lib.vq_bmm.restype = ctypes.c_int
+    lib.vq_bmm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
+    lib.vq_bmm_quant.restype = ctypes.c_int
+    lib.vq_bmm_quant.argtypes = (
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
+        + [ctypes.c_float] * 2 + [ctypes.c_int] * 3
+    )  # fmt: skip
+    lib.vq_qk_softmax.restype = ctypes.c_int
+    lib.vq_qk_softmax.argtypes = (
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 14 + [ctypes.c_float] * 2 + [ctypes.c_int] * 3
+    )
+    return lib, ""
+
+
+def available() -> bool:
+    """True when :func:`vnni_bmm` runs the native kernel (builds it on the first call)."""
+    return _load()[0] is not None
+
+
+def why_unavailable() -> str:
+    """Why the native kernel is not used ("" when it is)."""
+    return _load()[1]
+
+
+def library_path() -> str | None:
+    """The loaded shared library's path (None when unavailable)."""
+    lib = _load()[0]
+    return None if lib is None else str(lib._name)
+
+
+def _as4d(t: Tensor) -> Tensor:
+    """``t`` with exactly two batch dimensions (views; more are flattened when possible)."""
+    if t.dim() == 2:
+        return t[None, None]
+    if t.dim() == 3:
+        return t[None]
+    if t.dim() == 4:
+        return t
+    return t.reshape(-1, t.shape[-3], *t.shape[-2:])
+
+
+def _library() -> ctypes.CDLL:
+    lib, why = _load()
+    if lib is None:
+        raise ConfigError(f"the native int8 kernel is unavailable: {why}")
+    return lib
+
+
+def vnni_bmm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact ``a @ b`` of integer codes with int32 results, all batch entries in one call.
+
+    Args:
+        a: int8 or uint8 ``[..., M, K]`` (rows contiguous).
+        b: int8 ``[..., K, N]`` with rows or columns contiguous (``k.transpose(-2, -1)`` of a
+            row-major ``k`` is read in place); batch dimensions equal ``a``'s.
+
+    Raises:
+        ConfigError: the kernel is unavailable (see :func:`why_unavailable`), or the operands
+            are not CPU integer codes of matching shapes.
+    """
+    out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=torch.int32)
+    _bmm(a, b, out, None)
+    return out
+
+
+def vnni_bmm_quant(
+    a: Tensor,
+    b: Tensor,
+    mul: float,
+    scale: float,
+    zero_point: int,
+    lo: int,
+    hi: int,
+    dtype: torch.dtype = torch.uint8,
+    *,
+    heads_last: bool = False,
+) -> Tensor:
+    """The codes ``clamp(round(a @ b * mul / scale) + zero_point, lo, hi)`` in ``dtype``.
+
+    ``heads_last`` (4-D operands ``[B, H, M, K] @ [B, H, K, N]``): the result is laid out as
+    ``[B, M, H, N]`` (contiguous), the order ``proj`` reads attention's output in.
+    """
+    if dtype not in (torch.uint8, torch.int8):
+        raise ConfigError(f"vnni_bmm_quant stores uint8 or int8 codes, not {dtype}")
+    bound = (0, 255) if dtype == torch.uint8 else (-128, 127)
+    if not bound[0] <= lo <= hi <= bound[1] or scale <= 0:
+        raise ConfigError(f"vnni_bmm_quant: bad quantizer (scale {scale}, range [{lo}, {hi}])")
+    m, n = a.shape[-2], b.shape[-1]
+    if heads_last:
+        if a.dim() != 4:
+            raise ConfigError("vnni_bmm_quant: heads_last takes [B, H, M, K] operands")
+        out = torch.empty(a.shape[0], m, a.shape[1], n, dtype=dtype)
+        view = out.permute(0, 2, 1, 3)
+    else:
+        out = view = torch.empty(*a.shape[:-1], n, dtype=dtype)
+    _bmm(a, b, view, (mul, 1.0 / scale, zero_point, lo, hi))
+    return out
+
+
+def _bmm(a: Tensor, b: Tensor, out: Tensor, epi: tuple[float, float, int, int, int] | None) -> None:
+    """Checks the operands and runs ``vq_bmm`` (int32 ``out``) or ``vq_bmm_quant`` (bytes)."""
+    lib = _library()
+    if a.dtype not in (torch.int8, torch.uint8) or b.dtype != torch.int8:
+        raise ConfigError(f"vnni_bmm takes int8/uint8 @ int8 codes, got {a.dtype} @ {b.dtype}")
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        raise ConfigError("vnni_bmm runs on the CPU")
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ConfigError(f"vnni_bmm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if out.numel() == 0:
+        return
+    if k == 0:
+        out.zero_() if epi is None else out.fill_(min(max(epi[2], epi[3]), epi[4]))
+        return
+    a4, b4, c4 = _as4d(a), _as4d(b), _as4d(out)
+    if a4.stride(-1) != 1:
+        a4 = a4.contiguous()
+    if b4.stride(-1) == 1:
+        trans = False
+    elif b4.stride(-2) == 1:  # the transpose of a row-major matrix (keys of q·kᵀ)
+        trans = True
+    else:
+        b4, trans = b4.contiguous(), False
+    sbr = b4.stride(-1) if trans else b4.stride(-2)
+    args = (
+        a4.data_ptr(), b4.data_ptr(), c4.data_ptr(), c4.shape[0], c4.shape[1], m, k, n,
+        a4.stride(0), a4.stride(1), a4.stride(2), b4.stride(0), b4.stride(1), sbr,
+        c4.stride(0), c4.stride(1), c4.stride(2), int(trans), int(a.dtype == torch.int8),
+    )  # fmt: skip
+    failed = lib.vq_bmm(*args) if epi is None else lib.vq_bmm_quant(*args, *epi)
+    if failed:
+        raise MemoryError("vnni_bmm: could not allocate its packing buffers")
+
+
+def qk_softmax(
+    q: Tensor, kt: Tensor, alpha: float, scale: float, zero_point: int, lo: int, hi: int
+) -> Tensor:
+    """int8 codes of ``softmax(alpha * (q @ kt), -1)`` quantized with ``scale``/``zero_point``
+    and clamped to ``[lo, hi]`` (``round(p / scale) + zero_point``, half to even), in one pass.
+
+    Args:
+        q: int8 ``[..., M, K]`` (rows contiguous).
+        kt: int8 ``[..., K, N]``, the transpose of a matrix with contiguous rows (``k.mT``).
+        alpha: the scores' scale (the two operands' scales).
+        scale, zero_point, lo, hi: the probabilities' quantizer, in int8 storage.
+
+    Raises:
+        ConfigError: the kernel is unavailable, or the operands do not fit.
+    """
+    lib = _library()
+    if q.dtype != torch.int8 or kt.dtype != torch.int8:
+        raise ConfigError(f"qk_softmax takes int8 codes, got {q.dtype} @ {kt.dtype}")
+    if q.shape[:-2] != kt.shape[:-2] or q.shape[-1] != kt.shape[-2]:
+        raise ConfigError(f"qk_softmax: shapes {tuple(q.shape)} @ {tuple(kt.shape)} do not match")
+    if not -128 <= lo <= hi <= 127 or scale <= 0:
+        raise ConfigError(f"qk_softmax: bad quantizer (scale {scale}, range [{lo}, {hi}])")
+    batch, m, k, n = q.shape[:-2], q.shape[-2], q.shape[-1], kt.shape[-1]
+    out = torch.empty(*batch, m, n, dtype=torch.int8)
+    if out.numel() == 0:
+        return out
+    q4, k4, p4 = _as4d(q), _as4d(kt), _as4d(out)
+    if q4.stride(-1) != 1:
+        q4 = q4.contiguous()
+    if k4.stride(-2) != 1 and k > 1:
+        k4 = k4.transpose(-2, -1).contiguous().transpose(-2, -1)
+    failed = lib.vq_qk_softmax(
+        q4.data_ptr(), k4.data_ptr(), p4.data_ptr(), p4.shape[0], p4.shape[1], m, k, n,
+        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(-1),
+        p4.stride(0), p4.stride(1), p4.stride(2), alpha, 1.0 / scale, zero_point, lo, hi,
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("qk_softmax: could not allocate its buffers")
+    return out
