@@ -21,7 +21,9 @@ Variants (``--variants`` picks a subset):
   eager and ``torch.compile``; ``vitquant-int8-bf16`` (``-compiled``): the same with
   ``lower(..., float_dtype=torch.bfloat16)``; ``vitquant-int8-loop-compiled``: compiled with
   the previous attention path forced (``lower(..., attention="loop")``: one ``torch._int_mm``
-  per head on one thread, softmax in Inductor), to measure the native VNNI attention kernels.
+  per head on one thread, softmax in Inductor), to measure the native VNNI attention kernels;
+  ``vitquant-int8-vnni-compiled``: the native kernels forced (``attention="vnni"``; the default
+  on AVX512-VNNI CPUs, not on AMX ones, where this compares them with ``"batched-bf16"``).
 
 Usage::
 
@@ -62,6 +64,7 @@ ALL = (
     "timm-fp32", "vitquant-fp32", "bf16", "bf16-compiled", "quantize_dynamic", "torchao-int8",
     "torchao-int8-compiled", "pt2e-x86-compiled", "vitquant-int8", "vitquant-int8-compiled",
     "vitquant-int8-bf16", "vitquant-int8-bf16-compiled", "vitquant-int8-loop-compiled",
+    "vitquant-int8-vnni-compiled",
 )  # fmt: skip
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -135,7 +138,8 @@ def build(variant: str, name: str, batch: int, info: dict[str, Any]) -> Callable
         m = _pt2e(timm_fp32(name), batch)
     elif variant.startswith("vitquant-int8"):
         dt = torch.bfloat16 if "-bf16" in variant else torch.float32
-        m = _vitquant_int8(name, dt, info, "loop" if "-loop" in variant else None)
+        att = "loop" if "-loop" in variant else "vnni" if "-vnni" in variant else None
+        m = _vitquant_int8(name, dt, info, att)
     else:
         raise SystemExit(f"unknown variant {variant!r}; use some of {', '.join(ALL)}")
     if variant.endswith("-compiled") and variant != "pt2e-x86-compiled":
@@ -153,6 +157,10 @@ def build(variant: str, name: str, batch: int, info: dict[str, Any]) -> Callable
 
 
 def bench_one(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    # a fresh Dynamo cache per (model, batch): each lowered model's weight handles are constants
+    # of its graph, and past torch._dynamo.config.recompile_limit (8) graphs of the same
+    # forward Dynamo silently runs the model eagerly
+    torch._dynamo.reset()
     info: dict[str, Any] = {}
     fns: dict[str, Callable[[], Any]] = {}
     for v in ["timm-fp32"] + [v for v in args.variants if v != "timm-fp32"]:

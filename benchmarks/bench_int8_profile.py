@@ -31,7 +31,9 @@ from vitquant.runtime import lower, lowering_report  # noqa: E402
 
 GROUPS = (
     ("int8 linear (oneDNN)", ("qlinear", "onednn_qlinear")),
-    ("attention matmuls", ("_int_mm", "int_mm_loop", "aten::bmm", "aten::matmul")),
+    ("attention (native: q·kᵀ+softmax+quantize)", ("qk_softmax",)),
+    ("attention (native: attn·v+quantize)", ("vnni_bmm_quant",)),
+    ("attention matmuls", ("_int_mm", "int_mm_loop", "vnni_bmm", "aten::bmm", "aten::matmul")),
     ("softmax", ("softmax",)),
     ("layernorm", ("layer_norm",)),
     ("quantize", ("quantize_per_tensor", "int_repr", "round", "clamp", "div")),
@@ -88,7 +90,7 @@ def main() -> int:
     print(f"{args.model} b{args.batch}, {args.threads} threads, ISA {rep['isa']['level']}, {how}:")
     print(f"  {total:.1f} ms per forward (profiled)")
     for g, ms in sorted(per_group.items(), key=lambda kv: -kv[1]):
-        print(f"  {g:24s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+        print(f"  {g:42s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
     print("  top ops:")
     for ms, name, count in sorted(ops, reverse=True)[:10]:
         print(f"    {name[:44]:44s} {ms:8.1f} ms  x{count}")

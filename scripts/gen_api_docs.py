@@ -57,6 +57,7 @@ MODULES = (
     "vitquant.export.onnx",
     "vitquant.export.torch_export",
     "vitquant.runtime",
+    "vitquant.runtime.native",
     "vitquant.registry",
     "vitquant.demo",
     "vitquant.lm",

@@ -119,6 +119,7 @@ for _size in ("tiny", "small", "base"):
 _SMALL = {
     "nano": dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
     "micro": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),  # ViT-Ti's shape
 }
 
 
@@ -140,6 +141,14 @@ def vit_micro_patch4_28(**kwargs: Any) -> VisionTransformer:
 def vit_micro_patch7_28(**kwargs: Any) -> VisionTransformer:
     """The demo's ViT for Fashion-MNIST: 7x7 patches (16 tokens + class token), 0.8M parameters."""
     arch = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, **_SMALL["micro"])
+    return _create(arch, kwargs, mean=(0.2860,), std=(0.3530,))
+
+
+@register_model
+def vit_tiny_patch7_28(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti's width and depth (192, 12 blocks, 3 heads, MLP 4x; 5.4M parameters) on 28x28
+    grayscale images with 7x7 patches: the PTQ benchmarks' ViT-Ti-size model."""
+    arch = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, **_SMALL["tiny"])
     return _create(arch, kwargs, mean=(0.2860,), std=(0.3530,))
 
 

@@ -17,10 +17,11 @@ torch's OpenMP threads (``csrc/vnni_bmm.c`` says how):
 
 The source ships with the package; the first call compiles it (``$CC``, else ``cc``/``gcc``;
 about a second) into ``$VITQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vitquant`` or
-``~/.cache/vitquant``), named by a hash of the source, flags and compiler, written to a
-temporary file and renamed, so concurrent first calls are safe and later processes reuse it.
-The library is loaded with ``ctypes``; it links the OpenMP runtime torch has already loaded
-(the same ``libgomp.so.1``), so ``torch.set_num_threads`` sets its thread count too.
+``~/.cache/vitquant``; a per-user temporary folder where that is not writable), named by a
+hash of the source, flags and compiler, written to a temporary file and renamed, so
+concurrent first calls are safe and later processes reuse it. The library is loaded with
+``ctypes``; it links the OpenMP runtime torch has already loaded (the same ``libgomp.so.1``), so
+``torch.set_num_threads`` sets its thread count too.
 
 Where the CPU lacks AVX512-VNNI, no compiler is found, the build fails or ``VITQUANT_NATIVE=0``
 is set, :func:`available` is False, :func:`why_unavailable` says why, and the runtime uses its
@@ -105,13 +106,22 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"cannot run {cc}: {e}"
     key = hashlib.sha1(src + " ".join((*_FLAGS, version)).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"vnni_bmm-{key}.so"
-    try:
-        if not path.exists():
-            _build(cc, src, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"build failed: {e}"
+    name = f"vnni_bmm-{key}.so"
+    # the cache folder, else a per-user temporary folder (a read-only home must not cost speed)
+    folders = [_cache_dir(), Path(tempfile.gettempdir()) / f"vitquant-{os.getuid()}"]
+    errors = []
+    lib = None
+    for folder in folders:
+        path = folder / name
+        try:
+            if not path.exists():
+                _build(cc, src, path)
+            lib = ctypes.CDLL(str(path))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            errors.append(f"{folder}: {e}")
+    if lib is None:
+        return None, "build failed: " + "; ".join(errors)
     lib.vq_bmm.restype = ctypes.c_int
     lib.vq_bmm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
     lib.vq_bmm_quant.restype = ctypes.c_int
