@@ -22,8 +22,9 @@ Variants (``--variants`` picks a subset):
   ``lower(..., float_dtype=torch.bfloat16)``; ``vitquant-int8-loop-compiled``: compiled with
   the previous attention path forced (``lower(..., attention="loop")``: one ``torch._int_mm``
   per head on one thread, softmax in Inductor), to measure the native VNNI attention kernels;
-  ``vitquant-int8-vnni-compiled``: the native kernels forced (``attention="vnni"``; the default
-  on AVX512-VNNI CPUs, not on AMX ones, where this compares them with ``"batched-bf16"``).
+  ``vitquant-int8-vnni-compiled`` / ``vitquant-int8-batched-compiled``: attention forced to
+  the native kernels (the default on AVX512-VNNI and AMX CPUs) / to one exact batched bfloat16
+  matmul (the AMX fallback), to compare them on a given CPU.
 
 Usage::
 
@@ -64,7 +65,7 @@ ALL = (
     "timm-fp32", "vitquant-fp32", "bf16", "bf16-compiled", "quantize_dynamic", "torchao-int8",
     "torchao-int8-compiled", "pt2e-x86-compiled", "vitquant-int8", "vitquant-int8-compiled",
     "vitquant-int8-bf16", "vitquant-int8-bf16-compiled", "vitquant-int8-loop-compiled",
-    "vitquant-int8-vnni-compiled",
+    "vitquant-int8-vnni-compiled", "vitquant-int8-batched-compiled",
 )  # fmt: skip
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,7 +139,8 @@ def build(variant: str, name: str, batch: int, info: dict[str, Any]) -> Callable
         m = _pt2e(timm_fp32(name), batch)
     elif variant.startswith("vitquant-int8"):
         dt = torch.bfloat16 if "-bf16" in variant else torch.float32
-        att = "loop" if "-loop" in variant else "vnni" if "-vnni" in variant else None
+        forced = {"-loop": "loop", "-vnni": "vnni", "-batched": "batched-bf16"}
+        att = next((v for k, v in forced.items() if k in variant), None)
         m = _vitquant_int8(name, dt, info, att)
     else:
         raise SystemExit(f"unknown variant {variant!r}; use some of {', '.join(ALL)}")

@@ -43,9 +43,11 @@ def test_detected_level_follows_the_cpu_flags() -> None:
     flags = cpu_flags()
     assert isa.level in ISA_LEVELS and not isa.forced
     if {"amx_int8", "amx_tile"} <= flags:
-        assert isa.detected == "amx" and isa.attention_method == "batched"
+        assert isa.detected == "amx" and isa.attention_method == "vnni"
+        assert isa.attention_fallback == "batched"
     elif "avx512_vnni" in flags:
         assert isa.detected == "avx512_vnni" and isa.attention_method == "vnni"
+        assert isa.attention_fallback == "loop"
         assert isa.bf16 == ("avx512_bf16" in flags)
 
 
@@ -87,10 +89,10 @@ def test_report_names_isa_attention_and_float_dtype() -> None:
     rep = lowering_report(m)
     isa = cpu_isa()
     assert rep["isa"]["level"] == isa.level and rep["float_dtype"] == "float32"
-    if isa.attention_method == "batched":
-        assert rep["attention"] == ("batched-bf16" if isa.bf16 else "batched")
-    elif isa.attention_method == "vnni" and native.available():
+    if isa.attention_method == "vnni" and native.available():
         assert rep["attention"] == "vnni" and rep["attention_note"] == ""
+    elif isa.attention_fallback == "batched":
+        assert rep["attention"] == ("batched-bf16" if isa.bf16 else "batched")
     else:
         assert rep["attention"] == "loop"
     ref = lower(_calibrated(), "reference", warn=False)

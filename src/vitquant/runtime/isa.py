@@ -4,9 +4,10 @@ The runtime reads the CPU's flags (``/proc/cpuinfo`` on Linux) and torch's own v
 vector unit (``torch.backends.cpu.get_cpu_capability()``) and sorts the CPU into one level:
 
 * ``"amx"``: Intel AMX (``amx_int8``/``amx_bf16``, Sapphire Rapids and later). oneDNN's int8
-  GEMMs run on AMX tiles, and float32 matmuls on integer codes may run in bfloat16 on AMX
-  exactly (every code fits bfloat16's mantissa, AMX accumulates in float32), so the attention
-  matmuls of all heads run as one batched matmul;
+  GEMMs run on AMX tiles. These CPUs also have AVX512-VNNI, so attention runs vitquant's native
+  kernels as below (softmax and quantization fused into them); where those cannot be built,
+  one batched float32 matmul of all heads in bfloat16 on AMX (exact: every code fits
+  bfloat16's mantissa, AMX accumulates in float32);
 * ``"avx512_vnni"``: AVX512 with VNNI (``vpdpbusd``; Cascade Lake, AMD Zen 4/5). Integer
   GEMMs beat a float32 or bfloat16 ``bmm`` here (measured on Zen 5, see ``docs/int8.md``), so
   attention runs vitquant's native VNNI kernel for all heads at once
@@ -101,7 +102,12 @@ class CpuIsa:
     @property
     def attention_method(self) -> str:
         """How :func:`~vitquant.runtime.kernels.int_bmm` runs attention on the CPU."""
-        return {"amx": "batched", "avx512_vnni": "vnni"}.get(self.level, "loop")
+        return "vnni" if self.level in ("amx", "avx512_vnni") else "loop"
+
+    @property
+    def attention_fallback(self) -> str:
+        """The method where the native kernels cannot be built."""
+        return "batched" if self.level == "amx" else "loop"
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -169,8 +169,10 @@ def lower(
         "isa": None if level is None else level.as_dict(),
         "attention": "batched-bf16" if bf16_mm else attention,
         "attention_note": (
-            f"native VNNI kernel unavailable ({native.why_unavailable()}): per-head loop"
-            if level is not None and level.attention_method == "vnni" and attention == "loop"
+            f"native VNNI kernel unavailable ({native.why_unavailable()}): {attention}"
+            if level is not None
+            and level.attention_method == "vnni"
+            and attention == level.attention_fallback
             else ""
         ),
         "float_dtype": str(float_dtype).replace("torch.", ""),
@@ -236,7 +238,7 @@ def _attention_method(backend: str, dev: torch.device, level: Any) -> tuple[str,
         return "batched", False
     method = level.attention_method
     if method == "vnni" and not native.available():
-        method = "loop"
+        method = level.attention_fallback
     return method, method == "batched" and level.bf16
 
 
