@@ -103,13 +103,32 @@ def _batches(x: Tensor, size: int) -> list[Tensor]:
 
 
 @torch.no_grad()
-def top1(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> float:
+def predictions(model: nn.Module, x: Tensor, batch: int = 500) -> Tensor:
     model.eval()
-    hits = sum(
-        int((model(xb).argmax(-1) == yb).sum())
-        for xb, yb in zip(x.split(batch), y.split(batch), strict=True)
+    return torch.cat([model(xb).argmax(-1) for xb in x.split(batch)])
+
+
+def top1(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> float:
+    return 100.0 * float((predictions(model, x, batch) == y).float().mean())
+
+
+def lowered_row(q: nn.Module, eval_x: Tensor, eval_y: Tensor) -> dict[str, Any]:
+    """Top-1 of ``lower(q)`` and its agreement with the fake-quant model ``q``."""
+    import warnings
+
+    from vitquant.runtime import lower, lowering_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low = lower(copy.deepcopy(q), warn=False)
+    rep = lowering_report(low)
+    fake, ours = predictions(q, eval_x), predictions(low, eval_x)
+    return dict(
+        lowered_top1=100.0 * float((ours == eval_y).float().mean()),
+        lowered_agreement=100.0 * float((ours == fake).float().mean()),
+        lowered_attention=rep["attention"],
+        lowered_kept=sorted(rep["kept"]),
     )
-    return 100.0 * hits / len(y)
 
 
 def find_float(path: str | None) -> Path:
@@ -174,10 +193,20 @@ def main() -> None:
     ap.add_argument(
         "--val-images", type=int, default=1000, help="held-out train images for the fallback"
     )
+    ap.add_argument(
+        "--eval-on", choices=("test", "heldout"), default="test",
+        help="test split, or other training images (after the calibration, injection and "
+        "validation ones): a second sample to compare recipes on without choosing on the test "
+        "split (the float model saw them in training; calibration did not)",
+    )  # fmt: skip
     ap.add_argument("--kinds", nargs="+", default=["none", "ln", "gelu", "tokens", "all"])
     ap.add_argument("--recipes", nargs="+", default=None, help="default: all")
     ap.add_argument("--save-models", default=None, help="folder: float models as safetensors")
     ap.add_argument("--nncf", action="store_true", help="also OpenVINO+NNCF int8 (own process)")
+    ap.add_argument(
+        "--lowered", action="store_true",
+        help="also lower each quantized model to the int8 runtime: its top-1 and agreement",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args()
     if args.nncf and not args.save_models:
@@ -189,8 +218,12 @@ def main() -> None:
     test = build_dataset(args.data_path, "test", train_transform=False)
     calib_x, _ = _images(train, args.calib_images)
     inject_x, _ = _images(train, args.inject_images, start=args.calib_images)
-    eval_x, eval_y = _images(test, args.eval_images)
     val_x, val_y = _images(train, args.val_images, start=args.calib_images + args.inject_images)
+    if args.eval_on == "test":
+        eval_x, eval_y = _images(test, args.eval_images)
+    else:
+        used = args.calib_images + args.inject_images + args.val_images
+        eval_x, eval_y = _images(train, args.eval_images, start=used)
     calib = _batches(calib_x, 32)
     table = recipes(list(zip(_batches(val_x, 250), _batches(val_y, 250), strict=True)))
     names = args.recipes or list(table)
@@ -220,6 +253,11 @@ def main() -> None:
             if name.endswith("-fb"):
                 row["fallback_layers"] = list(LAST_FALLBACK)
                 extra = f"  8-bit: {', '.join(LAST_FALLBACK) or '-'}"
+            if args.lowered:
+                row |= lowered_row(q, eval_x, eval_y)
+                extra += (f"  lowered {row['lowered_top1']:6.2f} ({row['lowered_top1'] - acc:+.2f}"
+                          f", agreement {row['lowered_agreement']:.2f}%,"
+                          f" {len(row['lowered_kept'])} kept)")  # fmt: skip
             rows.append(row)
             print(f"{kind:7s} {name:14s} {acc:6.2f} {acc - f1:+6.2f}  {sec:5.1f} s{extra}",
                   flush=True)  # fmt: skip
@@ -231,6 +269,7 @@ def main() -> None:
         float_checkpoint=str(ckpt),
         calib_images=args.calib_images,
         eval_images=len(eval_y),
+        eval_on=args.eval_on,
         recipes={n: table[n][0] for n in names},
         rows=rows,
     )
