@@ -77,8 +77,8 @@ static inline __attribute__((always_inline)) void tile(
 #define TAIL(r)                                                                               \
     do {                                                                                      \
         uint8_t t[4] = {0, 0, 0, 0};                                                          \
-        memcpy(t, rows[r] + kfull * 4, (size_t)ktail);                                        \
-        for (int64_t i = 0; i < ktail; i++) t[i] ^= xor_a ? 0x80 : 0;                         \
+        memcpy(t, rows[r] + kfull * 4, (size_t)(ktail & 3));                                  \
+        for (int64_t i = 0; i < (ktail & 3); i++) t[i] ^= xor_a ? 0x80 : 0;                   \
         int32_t w;                                                                            \
         memcpy(&w, t, 4);                                                                     \
         av = _mm512_set1_epi32(w);                                                            \
@@ -133,29 +133,35 @@ static inline __attribute__((always_inline)) void tile(
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
 }
 
-static void tile1(const uint8_t *const *r, const uint8_t *bp, int64_t np, int64_t kf, int64_t kt,
-                  const int32_t *cp, int32_t *c, int64_t ldc, int mr, int64_t nc, int x,
+/* The tile for 1..4 blocks of 16 columns, each a function with nblk a constant. */
+#define TILE_FN(J)                                                                            \
+    static void tile##J(const uint8_t *const *r, const uint8_t *bp, int64_t np, int64_t kf,   \
+                        int64_t kt, const int32_t *cp, int32_t *c, int64_t ldc, int mr,       \
+                        int64_t nc, int x, const Epi *ep)                                     \
+    {                                                                                         \
+        tile(r, bp, np, kf, kt, cp, c, ldc, mr, nc, x, ep, J);                                \
+    }
+TILE_FN(1)
+TILE_FN(2)
+TILE_FN(3)
+TILE_FN(4)
+
+/* One row strip (up to MR rows of A) against every column tile of the packed B. C is int32
+ * (ldc in elements) or, with an epilogue, bytes (ldc in bytes). */
+static void strip(const uint8_t *const *rows, const uint8_t *bp, int64_t np, int64_t k,
+                  int64_t n, const int32_t *comp, int32_t *c, int64_t ldc, int mr, int x,
                   const Epi *ep)
 {
-    tile(r, bp, np, kf, kt, cp, c, ldc, mr, nc, x, ep, 1);
-}
-static void tile2(const uint8_t *const *r, const uint8_t *bp, int64_t np, int64_t kf, int64_t kt,
-                  const int32_t *cp, int32_t *c, int64_t ldc, int mr, int64_t nc, int x,
-                  const Epi *ep)
-{
-    tile(r, bp, np, kf, kt, cp, c, ldc, mr, nc, x, ep, 2);
-}
-static void tile3(const uint8_t *const *r, const uint8_t *bp, int64_t np, int64_t kf, int64_t kt,
-                  const int32_t *cp, int32_t *c, int64_t ldc, int mr, int64_t nc, int x,
-                  const Epi *ep)
-{
-    tile(r, bp, np, kf, kt, cp, c, ldc, mr, nc, x, ep, 3);
-}
-static void tile4(const uint8_t *const *r, const uint8_t *bp, int64_t np, int64_t kf, int64_t kt,
-                  const int32_t *cp, int32_t *c, int64_t ldc, int mr, int64_t nc, int x,
-                  const Epi *ep)
-{
-    tile(r, bp, np, kf, kt, cp, c, ldc, mr, nc, x, ep, 4);
+    for (int64_t n0 = 0; n0 < n; n0 += NB * 16) {
+        const int64_t nc = n - n0;
+        const int blocks = (int)(nc >= NB * 16 ? NB : (nc + 15) / 16);
+        const uint8_t *bpn = bp + n0 * 4;
+        int32_t *cn = ep ? (int32_t *)((int8_t *)c + n0) : c + n0;
+        if (blocks == 4) tile4(rows, bpn, np, k / 4, k % 4, comp + n0, cn, ldc, mr, nc, x, ep);
+        else if (blocks == 3) tile3(rows, bpn, np, k / 4, k % 4, comp + n0, cn, ldc, mr, nc, x, ep);
+        else if (blocks == 2) tile2(rows, bpn, np, k / 4, k % 4, comp + n0, cn, ldc, mr, nc, x, ep);
+        else tile1(rows, bpn, np, k / 4, k % 4, comp + n0, cn, ldc, mr, nc, x, ep);
+    }
 }
 
 /* Packs one head's B into 32-bit words [Kp/4][Np] (word (k4, j) holds B(4 k4 .. 4 k4 + 3, j),
@@ -231,16 +237,8 @@ static int bmm(const int8_t *A, const int8_t *B, int32_t *C, int64_t nb, int64_t
                 const uint8_t *rows[MR];
                 for (int r = 0; r < MR; r++)
                     rows[r] = r < mr ? a + (i0 + r) * sam : (const uint8_t *)zeros;
-                for (int64_t n0 = 0; n0 < n; n0 += NB * 16) {
-                    const int64_t nc = n - n0;
-                    const int blocks = (int)(nc >= NB * 16 ? NB : (nc + 15) / 16);
-                    const uint8_t *bpn = bp + n0 * 4;
-                    int32_t *cn = ep ? (int32_t *)((int8_t *)c + i0 * scm + n0) : c + i0 * scm + n0;
-                    if (blocks == 4) tile4(rows, bpn, np, k / 4, k % 4, comp + n0, cn, scm, mr, nc, a_signed, ep);
-                    else if (blocks == 3) tile3(rows, bpn, np, k / 4, k % 4, comp + n0, cn, scm, mr, nc, a_signed, ep);
-                    else if (blocks == 2) tile2(rows, bpn, np, k / 4, k % 4, comp + n0, cn, scm, mr, nc, a_signed, ep);
-                    else tile1(rows, bpn, np, k / 4, k % 4, comp + n0, cn, scm, mr, nc, a_signed, ep);
-                }
+                int32_t *ci = ep ? (int32_t *)((int8_t *)c + i0 * scm) : c + i0 * scm;
+                strip(rows, bp, np, k, n, comp, ci, scm, mr, a_signed, ep);
             }
         }
         free(bp);
@@ -369,16 +367,7 @@ int vq_qk_softmax(const int8_t *Q, const int8_t *Kt, int8_t *P, int64_t nb, int6
                 const uint8_t *rows[MR];
                 for (int r = 0; r < MR; r++)
                     rows[r] = r < mr ? a + (i0 + r) * sqm : (const uint8_t *)zeros;
-                for (int64_t n0 = 0; n0 < n; n0 += NB * 16) {
-                    const int64_t nc = n - n0;
-                    const int blocks = (int)(nc >= NB * 16 ? NB : (nc + 15) / 16);
-                    const uint8_t *bpn = bp + n0 * 4;
-                    int32_t *cn = sbuf + n0;
-                    if (blocks == 4) tile4(rows, bpn, np, k / 4, k % 4, comp + n0, cn, lds, mr, nc, 1, NULL);
-                    else if (blocks == 3) tile3(rows, bpn, np, k / 4, k % 4, comp + n0, cn, lds, mr, nc, 1, NULL);
-                    else if (blocks == 2) tile2(rows, bpn, np, k / 4, k % 4, comp + n0, cn, lds, mr, nc, 1, NULL);
-                    else tile1(rows, bpn, np, k / 4, k % 4, comp + n0, cn, lds, mr, nc, 1, NULL);
-                }
+                strip(rows, bp, np, k, n, comp, sbuf, lds, mr, 1, NULL);
                 for (int r = 0; r < mr; r++)
                     softmax_row(sbuf + r * lds, n, alpha, inv_scale, zp, lo, hi, ebuf,
                                 p + (i0 + r) * spm);
