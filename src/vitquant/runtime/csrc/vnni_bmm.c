@@ -204,22 +204,62 @@ static void pack_b(const int8_t *b, int64_t sbr, int b_trans, int64_t k, int64_t
     for (int64_t j = 0; j < n; j++) comp[j] = signed_a ? 128 * comp[j] : 0;
 }
 
+/* Per-thread buffers: packed B, its column sums, zeros for rows past A's edge, and for the
+ * fused softmax the scores of one row strip and one row of exponentials. */
+typedef struct {
+    int64_t np, lds;
+    uint8_t *bp;
+    int32_t *comp, *sbuf;
+    float *ebuf;
+    int8_t *zeros;
+} Work;
+
+static size_t up64(int64_t bytes) { return (size_t)((bytes + 63) / 64 * 64); }
+
+static int work_alloc(Work *w, int64_t k, int64_t n, int softmax)
+{
+    memset(w, 0, sizeof *w);
+    w->np = (n + 15) / 16 * 16;
+    w->lds = w->np + 64;
+    w->bp = (uint8_t *)aligned_alloc(64, up64((k + 3) / 4 * 4 * w->np + PAD));
+    w->comp = (int32_t *)aligned_alloc(64, up64(w->np * 4 + PAD));
+    w->zeros = (int8_t *)calloc((size_t)((n > k ? n : k) + 64), 1);
+    if (softmax) {
+        w->sbuf = (int32_t *)aligned_alloc(64, up64(MR * w->lds * 4));
+        w->ebuf = (float *)aligned_alloc(64, up64(w->np * 4));
+    }
+    return w->bp && w->comp && w->zeros && (!softmax || (w->sbuf && w->ebuf));
+}
+
+static void work_free(Work *w)
+{
+    free(w->bp);
+    free(w->comp);
+    free(w->sbuf);
+    free(w->ebuf);
+    free(w->zeros);
+}
+
+/* Row pointers of one strip of A (rows past the edge read zeros). */
+static int strip_rows(const uint8_t **rows, const uint8_t *a, int64_t i0, int64_t m, int64_t lda,
+                      const int8_t *zeros)
+{
+    const int mr = (int)(m - i0 < MR ? m - i0 : MR);
+    for (int r = 0; r < MR; r++) rows[r] = r < mr ? a + (i0 + r) * lda : (const uint8_t *)zeros;
+    return mr;
+}
+
 static int bmm(const int8_t *A, const int8_t *B, int32_t *C, int64_t nb, int64_t nh, int64_t m,
                int64_t k, int64_t n, int64_t sab, int64_t sah, int64_t sam, int64_t sbb,
                int64_t sbh, int64_t sbr, int64_t scb, int64_t sch, int64_t scm, int b_trans,
                int a_signed, const Epi *ep)
 {
-    const int64_t np = (n + 15) / 16 * 16;
-    const int64_t kp = (k + 3) / 4 * 4;
     const int64_t tasks = nb * nh;
-    const size_t zbytes = (size_t)((n > k ? n : k) + 64);
     int failed = 0;
 #pragma omp parallel
     {
-        uint8_t *bp = (uint8_t *)aligned_alloc(64, (size_t)((kp * np + PAD + 63) / 64 * 64));
-        int32_t *comp = (int32_t *)aligned_alloc(64, (size_t)((np * 4 + PAD + 63) / 64 * 64));
-        int8_t *zeros = (int8_t *)calloc(zbytes, 1);
-        int ok = bp && comp && zeros;
+        Work w;
+        const int ok = work_alloc(&w, k, n, 0);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -231,19 +271,16 @@ static int bmm(const int8_t *A, const int8_t *B, int32_t *C, int64_t nb, int64_t
             const uint8_t *a = (const uint8_t *)(A + ib * sab + ih * sah);
             /* C's strides count its elements: int32, or bytes with a quantizing epilogue */
             int32_t *c = ep ? (int32_t *)((int8_t *)C + ib * scb + ih * sch) : C + ib * scb + ih * sch;
-            pack_b(B + ib * sbb + ih * sbh, sbr, b_trans, k, n, np, bp, comp, zeros, a_signed);
+            pack_b(B + ib * sbb + ih * sbh, sbr, b_trans, k, n, w.np, w.bp, w.comp, w.zeros,
+                   a_signed);
             for (int64_t i0 = 0; i0 < m; i0 += MR) {
-                const int mr = (int)(m - i0 < MR ? m - i0 : MR);
                 const uint8_t *rows[MR];
-                for (int r = 0; r < MR; r++)
-                    rows[r] = r < mr ? a + (i0 + r) * sam : (const uint8_t *)zeros;
+                const int mr = strip_rows(rows, a, i0, m, sam, w.zeros);
                 int32_t *ci = ep ? (int32_t *)((int8_t *)c + i0 * scm) : c + i0 * scm;
-                strip(rows, bp, np, k, n, comp, ci, scm, mr, a_signed, ep);
+                strip(rows, w.bp, w.np, k, n, w.comp, ci, scm, mr, a_signed, ep);
             }
         }
-        free(bp);
-        free(comp);
-        free(zeros);
+        work_free(&w);
     }
     return failed;
 }
@@ -337,47 +374,33 @@ int vq_qk_softmax(const int8_t *Q, const int8_t *Kt, int8_t *P, int64_t nb, int6
                   int64_t skh, int64_t skr, int64_t spb, int64_t sph, int64_t spm, float alpha,
                   float inv_scale, int zp, int lo, int hi)
 {
-    const int64_t np = (n + 15) / 16 * 16;
-    const int64_t kp = (k + 3) / 4 * 4;
     const int64_t tasks = nb * nh;
-    const size_t zbytes = (size_t)((n > k ? n : k) + 64);
     int failed = 0;
 #pragma omp parallel
     {
-        uint8_t *bp = (uint8_t *)aligned_alloc(64, (size_t)((kp * np + PAD + 63) / 64 * 64));
-        int32_t *comp = (int32_t *)aligned_alloc(64, (size_t)((np * 4 + PAD + 63) / 64 * 64));
-        int32_t *sbuf = (int32_t *)aligned_alloc(64, (size_t)((MR * (np + 64) * 4 + 63) / 64 * 64));
-        float *ebuf = (float *)aligned_alloc(64, (size_t)((np * 4 + 63) / 64 * 64));
-        int8_t *zeros = (int8_t *)calloc(zbytes, 1);
-        int ok = bp && comp && sbuf && ebuf && zeros;
+        Work w;
+        const int ok = work_alloc(&w, k, n, 1);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
-        const int64_t lds = np + 64;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             if (!ok) continue;
             const int64_t ib = t / nh, ih = t % nh;
             const uint8_t *a = (const uint8_t *)(Q + ib * sqb + ih * sqh);
             int8_t *p = P + ib * spb + ih * sph;
-            pack_b(Kt + ib * skb + ih * skh, skr, 1, k, n, np, bp, comp, zeros, 1);
+            pack_b(Kt + ib * skb + ih * skh, skr, 1, k, n, w.np, w.bp, w.comp, w.zeros, 1);
             for (int64_t i0 = 0; i0 < m; i0 += MR) {
-                const int mr = (int)(m - i0 < MR ? m - i0 : MR);
                 const uint8_t *rows[MR];
-                for (int r = 0; r < MR; r++)
-                    rows[r] = r < mr ? a + (i0 + r) * sqm : (const uint8_t *)zeros;
-                strip(rows, bp, np, k, n, comp, sbuf, lds, mr, 1, NULL);
+                const int mr = strip_rows(rows, a, i0, m, sqm, w.zeros);
+                strip(rows, w.bp, w.np, k, n, w.comp, w.sbuf, w.lds, mr, 1, NULL);
                 for (int r = 0; r < mr; r++)
-                    softmax_row(sbuf + r * lds, n, alpha, inv_scale, zp, lo, hi, ebuf,
+                    softmax_row(w.sbuf + r * w.lds, n, alpha, inv_scale, zp, lo, hi, w.ebuf,
                                 p + (i0 + r) * spm);
             }
         }
-        free(bp);
-        free(comp);
-        free(sbuf);
-        free(ebuf);
-        free(zeros);
+        work_free(&w);
     }
     return failed;
 }
