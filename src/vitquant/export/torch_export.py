@@ -80,9 +80,10 @@ def export_program(
             (any backend); put in eval mode.
         example_input: one input batch.
         dynamic_batch: make the batch axis dynamic (``torch.export.Dim``, 1..4096; a batch
-            of one is traced as two copies, since ``torch.export`` specialises size 1). A
-            model whose code fixes the batch size (LSQ-family quantizers compute their
-            gradient scale from it) is traced with the example's batch size, with a warning.
+            of one is traced as two copies, since ``torch.export`` specialises size 1). It
+            traces without gradients, so LSQ-family quantizers (whose gradient scale reads the
+            batch size) keep the batch dynamic; a model whose own code fixes the batch size is
+            traced with the example's batch size, with a warning.
         verify: run the program on ``example_input`` (and, with a dynamic batch, on its first
             row alone) and check it against the eager model.
         atol: the largest allowed absolute logit difference for ``verify`` (relative to
@@ -142,7 +143,7 @@ def _export(
     """``torch.export.export``; None when a dynamic batch axis was specialised by the code."""
     from torch._dynamo.exc import UserError
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # inference graphs (LSQ: no batch read)
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(model, (x,), dynamic_shapes=shapes)

@@ -100,7 +100,11 @@ class LSQQuantizer(Quantizer):
 
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The learnable step (gradient scaled by :meth:`grad_factor`) and zero point (rounded,
-        straight-through) broadcast against ``x``."""
+        straight-through) broadcast against ``x``. Without gradients (inference, export) the
+        scaling, which only changes gradients, is skipped: the forward then does not read the
+        batch size, so ``torch.export`` keeps the batch axis dynamic."""
+        if not torch.is_grad_enabled():
+            return self.expanded(self.scale, x), self.expanded(self._zero_point(None), x)
         g = self.grad_factor(x)
         s = self.expanded(P.grad_scale(self.scale, g), x)
         z = self._zero_point(g)
@@ -110,10 +114,11 @@ class LSQQuantizer(Quantizer):
         # as primitives.fake_quant_ste: round_ste(x / s + z), differentiable in x, s and z
         return torch.clamp(P.round_ste(x / s + z), self.qmin, self.qmax)
 
-    def _zero_point(self, g: float) -> Tensor:
+    def _zero_point(self, g: float | None) -> Tensor:
+        """The zero point, its gradient scaled by ``g`` (None: no gradient scaling)."""
         if not self.learn_zero_point:
             return self.zero_point
-        z = P.grad_scale(self.zero_point, g)
+        z = self.zero_point if g is None else P.grad_scale(self.zero_point, g)
         # round and clamp in the forward pass only (as torch's learnable fake-quant ops)
         return z + (torch.clamp(torch.round(z), self.qmin, self.qmax) - z).detach()
 
