@@ -26,7 +26,7 @@ from vitquant.quant import QuantConfig, calibrate, prepare
 from vitquant.quant.api import named_quantizers
 from vitquant.quant.modules.torchvision import QuantEncoderBlock
 from vitquant.quant.presets import POINT_KINDS
-from vitquant.runtime import lower, lowering_report
+from vitquant.runtime import Int8Block, lower, lowering_report
 
 EVERY_POINT = ["layernorm_input", "residual_input", "local_input", "matmul_output"]
 # torchvision's names inside a block -> vitquant's (longest prefixes first)
@@ -191,7 +191,7 @@ def test_w8a8_close_to_float(tv: types.ModuleType, preset: str) -> None:
     assert not torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("preset", ["ft1", "ft2"])
+@pytest.mark.parametrize("preset", ["ft1", "ft2", "robust"])
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_lower_agrees_with_fake_quant(
     tv: types.ModuleType, preset: str, backend: str | None
@@ -204,10 +204,18 @@ def test_lower_agrees_with_fake_quant(
     assert F.cosine_similarity(y, fq, dim=1).min() > 0.999
     assert (y.argmax(1) == fq.argmax(1)).float().mean() >= 0.99
     report = lowering_report(low)
+    # every EncoderBlock is fused (packed in_proj as the qkv GEMM, q/k/v codes, int8 attention)
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
+    assert report["blocks"] == blocks and report["kept"] == {}
+    assert report["linears"] == [] and report["matmuls"] == []
+    assert all(isinstance(low.get_submodule(b), Int8Block) for b in blocks)
+    # unfused, op by op: the linears and matmuls, with the packed in_proj left in fake-quant
+    ops = lower(copy.deepcopy(model), backend, fuse=False, warn=False)
+    rep = lowering_report(ops)
     lin = [f"encoder.layers.encoder_layer_{i}.{n}" for i in range(2)
            for n in ("self_attention.out_proj", "mlp.0", "mlp.3")]  # fmt: skip
     mm = [f"encoder.layers.encoder_layer_{i}.self_attention.{n}" for i in range(2)
           for n in ("qk_matmul", "av_matmul")]  # fmt: skip
-    assert sorted(report["linears"]) == sorted(lin)
-    assert sorted(report["matmuls"]) == sorted(mm)
-    assert report["kept"] == {}
+    assert sorted(rep["linears"]) == sorted(lin) and sorted(rep["matmuls"]) == sorted(mm)
+    with torch.no_grad():
+        assert F.cosine_similarity(ops(x), fq, dim=1).min() > 0.999

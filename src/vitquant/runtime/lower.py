@@ -31,7 +31,7 @@ from torch import nn
 
 from vitquant.errors import ConfigError
 from vitquant.runtime import native
-from vitquant.runtime.fused import Int8Block
+from vitquant.runtime.fused import Int8Block, torchvision_block_view
 from vitquant.runtime.isa import cpu_isa
 from vitquant.runtime.kernels import check_backend, onednn_available
 from vitquant.runtime.modules import Int8Linear, Int8MatMul
@@ -184,10 +184,15 @@ def lower(
     kept: dict[str, str] = {}
     with torch.no_grad():
         if fuse:
+            from vitquant.quant.modules.torchvision import QuantEncoderBlock
+
             for name, m in list(model.named_modules()):
-                if not name or not hasattr(m, "attn") or not hasattr(m, "mlp"):
+                src: nn.Module | None = m
+                if isinstance(m, QuantEncoderBlock):  # torchvision: seen as a pre-norm block
+                    src = torchvision_block_view(m)
+                if not name or src is None or not hasattr(src, "attn") or not hasattr(src, "mlp"):
                     continue
-                new, why = Int8Block.from_block(m, backend, float_dtype=float_dtype, **opts)
+                new, why = Int8Block.from_block(src, backend, float_dtype=float_dtype, **opts)
                 if new is not None:
                     _set(model, name, new)
                     report["blocks"].append(name)
