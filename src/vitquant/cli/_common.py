@@ -31,6 +31,12 @@ __all__ = [
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
+def model_stem(model: str) -> str:
+    """The name output files are named after: ``model``, or a Hugging Face folder's own name."""
+    path = os.path.normpath(model)
+    return os.path.basename(path) if os.path.isdir(path) else model
+
+
 def default_data_path() -> str:
     """``$VITQUANT_DATA`` or the Debian Fashion-MNIST folder."""
     return os.environ.get("VITQUANT_DATA", FASHION_MNIST_DIR)
@@ -133,7 +139,9 @@ def add_ptq_args(parser: argparse.ArgumentParser | Any) -> None:
     (``--num-calib-batch``, ``--calib-batchsz``) and the quantization (``--quant-mode``,
     ``--wbits``, ``--abits``, ``--calibrator``, ``--percentile``), as FasterTransformer's
     ``main.py --calib`` names them."""
-    parser.add_argument("--model", default=None, help="model name (vitquant models)")
+    parser.add_argument(
+        "--model", default=None, help="model name (vitquant models) or a Hugging Face folder"
+    )
     parser.add_argument(
         "--pretrained",
         "--pretrained-dir",

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitquant.cli._common import add_config_arg, add_ptq_args, default_data_path
+from vitquant.cli._common import add_config_arg, add_ptq_args, default_data_path, model_stem
 
 __all__ = ["add_parser", "run"]
 
@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(report.table())
     out = Path(args.output)
-    written = [report.to_json(out / f"{args.model}_analyze.json")]
+    written = [report.to_json(out / f"{model_stem(args.model)}_analyze.json")]
     if not args.no_plot:
-        written.append(report.plot(out / f"{args.model}_analyze.png"))
+        written.append(report.plot(out / f"{model_stem(args.model)}_analyze.png"))
     print("wrote " + " and ".join(str(p) for p in written))
     return 0

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vitquant.cli._common import add_config_arg, add_ptq_args, default_data_path
+from vitquant.cli._common import add_config_arg, add_ptq_args, default_data_path, model_stem
 
 __all__ = ["add_parser", "run"]
 
@@ -280,7 +280,10 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.calib_output_path)
     path = save_calibrated(
-        qmodel, out_dir / f"{args.model}_calib.pth", model_name=args.model, model_kwargs=kwargs
+        qmodel,
+        out_dir / f"{model_stem(args.model)}_calib.pth",
+        model_name=args.model,
+        model_kwargs=kwargs,
     )
     result = {
         "model": args.model,
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     if fallback_report is not None:
         result["fallback"] = fallback_report.to_dict()
         print(fallback_report.table())
-    json_path = out_dir / f"{args.model}_calib.json"
+    json_path = out_dir / f"{model_stem(args.model)}_calib.json"
     write_json(json_path, result)
     print(f"wrote {path} and {json_path}")
     return 0

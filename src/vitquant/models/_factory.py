@@ -47,8 +47,11 @@ def create_model(
 
     Args:
         name: a registered name (``vitquant.list_models()``), e.g. ``"deit_tiny_patch16_224"``,
-            ``"ViT-B_16"`` or ``"vit_micro_patch4_28"``. Unknown names raise a ``ConfigError``
-            listing the closest names.
+            ``"ViT-B_16"`` or ``"vit_micro_patch4_28"``, or a Hugging Face ``transformers``
+            folder (``config.json`` + weights, e.g. from ``save_pretrained``): the ViT/DeiT it
+            holds, converted to vitquant's ViT (:func:`vitquant.models.hf.vit_from_hf_folder`;
+            needs the ``hf`` extra). Unknown names raise a ``ConfigError`` listing the closest
+            names.
         pretrained: load the published weights for ``name`` from the local cache
             (``$VITQUANT_HOME`` or ``~/.cache/vitquant``); nothing is downloaded.
         checkpoint_path: a timm/DeiT ``.pth``, a Google ``.npz`` or a ``.safetensors`` file.
@@ -74,6 +77,8 @@ def create_model(
         >>> create_model("vit_nano_patch4_28", checkpoint_path="seven_classes.pth").num_classes
         7
     """
+    if (Path(name) / "config.json").is_file():
+        return _from_hf_folder(name, pretrained, checkpoint_path, num_classes, img_size, overrides)
     entry = MODELS.get(name)
     read: tuple[dict[str, Tensor], str] | None = None
     path: str | Path = ""
@@ -100,3 +105,35 @@ def create_model(
 
         load_checkpoint(model, path, reset_head=reset_head, read=read)
     return model
+
+
+def _from_hf_folder(
+    folder: str,
+    pretrained: bool,
+    checkpoint_path: str | None,
+    num_classes: int | None,
+    img_size: int | None,
+    overrides: dict[str, Any],
+) -> nn.Module:
+    """A ``transformers`` folder as a vitquant ViT (its weights and architecture are the folder's:
+    options that would change them are refused)."""
+    from vitquant.errors import ConfigError
+    from vitquant.models.hf import vit_from_hf_folder
+
+    if pretrained or checkpoint_path or overrides:
+        raise ConfigError(
+            f"{folder} is a Hugging Face folder: its config and weights fix the model "
+            "(no pretrained/checkpoint_path/architecture overrides)"
+        )
+    model = vit_from_hf_folder(folder)
+    size = model.patch_embed.img_size
+    if img_size is not None and (img_size, img_size) != tuple(size):
+        raise ConfigError(
+            f"{folder} is a Hugging Face folder for {size[0]}x{size[1]} images, not img_size="
+            f"{img_size}"
+        )
+    if num_classes is not None and num_classes != model.num_classes:
+        raise ConfigError(
+            f"{folder} predicts {model.num_classes} classes, not num_classes={num_classes}"
+        )
+    return model.train()
