@@ -239,3 +239,25 @@ def test_built_once_into_the_cache_and_reused(tmp_path) -> None:  # noqa: ANN001
     second = _run(env)
     assert second["path"] == lib and os.stat(lib).st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(lib)]  # no temp files left
+
+
+def test_a_failing_compiler_falls_back_with_the_reason(tmp_path) -> None:  # noqa: ANN001
+    """A compiler that fails (here ``CC=false``) leaves the kernel unavailable with the reason,
+    and ``lower`` still works (the ISA's fallback method)."""
+    code = _SUBPROCESS + """
+import copy
+from vitquant.models import create_model
+from vitquant.quant import QuantConfig, calibrate, prepare
+q = prepare(create_model("vit_nano_patch4_28").eval(), QuantConfig(preset="ft1"))
+calibrate(q, [torch.randn(4, 1, 28, 28)], method="max", progress=False)
+low = lower(copy.deepcopy(q), warn=False)
+print("attention", lowering_report(low)["attention"])
+print("shape", tuple(low(torch.randn(2, 1, 28, 28)).shape))
+"""
+    false = "/bin/false" if os.path.exists("/bin/false") else "false"
+    env = {"CC": false, "VITQUANT_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+    res = _run(env, code)
+    assert res["available"] == "False"
+    if res["level"] in ("avx512_vnni", "amx"):  # the build was attempted, and its failure named
+        assert "build failed" in res["why"] and res["attention"] != "vnni"
+    assert res["shape"] == "(2, 10)"
