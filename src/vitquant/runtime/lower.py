@@ -31,7 +31,8 @@ from torch import nn
 
 from vitquant.errors import ConfigError
 from vitquant.runtime import native
-from vitquant.runtime.fused import Int8Block, torchvision_block_view
+from vitquant.runtime.block_views import torchvision_block_view
+from vitquant.runtime.fused import Int8Block
 from vitquant.runtime.isa import cpu_isa
 from vitquant.runtime.kernels import check_backend, onednn_available
 from vitquant.runtime.modules import Int8Linear, Int8MatMul
