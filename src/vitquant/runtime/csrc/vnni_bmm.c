@@ -249,17 +249,30 @@ static int strip_rows(const uint8_t **rows, const uint8_t *a, int64_t i0, int64_
     return mr;
 }
 
+/* Softmax of each row of scores alpha * (A @ B), quantized: clamp(rint(p * inv) + zp, lo, hi). */
+typedef struct {
+    float alpha, inv;
+    int zp, lo, hi;
+} Sm;
+
+static void softmax_row(const int32_t *s, int64_t n, const Sm *sm, float *e, int8_t *out);
+
+/* The driver of every kernel: all (batch, head) pairs split over the threads; per pair B is
+ * packed once, then A's row strips run against it. C gets int32 results, or bytes through the
+ * quantizing epilogue ``ep``, or (``sm``) the int8 codes of each row's softmax, the scores of
+ * one strip kept in a per-thread buffer. C's strides count its elements. */
 static int bmm(const int8_t *A, const int8_t *B, int32_t *C, int64_t nb, int64_t nh, int64_t m,
                int64_t k, int64_t n, int64_t sab, int64_t sah, int64_t sam, int64_t sbb,
                int64_t sbh, int64_t sbr, int64_t scb, int64_t sch, int64_t scm, int b_trans,
-               int a_signed, const Epi *ep)
+               int a_signed, const Epi *ep, const Sm *sm)
 {
     const int64_t tasks = nb * nh;
+    const int bytes = ep != NULL || sm != NULL;
     int failed = 0;
 #pragma omp parallel
     {
         Work w;
-        const int ok = work_alloc(&w, k, n, 0);
+        const int ok = work_alloc(&w, k, n, sm != NULL);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -269,15 +282,21 @@ static int bmm(const int8_t *A, const int8_t *B, int32_t *C, int64_t nb, int64_t
             if (!ok) continue;
             const int64_t ib = t / nh, ih = t % nh;
             const uint8_t *a = (const uint8_t *)(A + ib * sab + ih * sah);
-            /* C's strides count its elements: int32, or bytes with a quantizing epilogue */
-            int32_t *c = ep ? (int32_t *)((int8_t *)C + ib * scb + ih * sch) : C + ib * scb + ih * sch;
+            int32_t *c = bytes ? (int32_t *)((int8_t *)C + ib * scb + ih * sch) : C + ib * scb + ih * sch;
             pack_b(B + ib * sbb + ih * sbh, sbr, b_trans, k, n, w.np, w.bp, w.comp, w.zeros,
                    a_signed);
             for (int64_t i0 = 0; i0 < m; i0 += MR) {
                 const uint8_t *rows[MR];
                 const int mr = strip_rows(rows, a, i0, m, sam, w.zeros);
-                int32_t *ci = ep ? (int32_t *)((int8_t *)c + i0 * scm) : c + i0 * scm;
-                strip(rows, w.bp, w.np, k, n, w.comp, ci, scm, mr, a_signed, ep);
+                if (sm) {
+                    strip(rows, w.bp, w.np, k, n, w.comp, w.sbuf, w.lds, mr, a_signed, NULL);
+                    for (int r = 0; r < mr; r++)
+                        softmax_row(w.sbuf + r * w.lds, n, sm, w.ebuf,
+                                    (int8_t *)c + (i0 + r) * scm);
+                } else {
+                    int32_t *ci = bytes ? (int32_t *)((int8_t *)c + i0 * scm) : c + i0 * scm;
+                    strip(rows, w.bp, w.np, k, n, w.comp, ci, scm, mr, a_signed, ep);
+                }
             }
         }
         work_free(&w);
@@ -291,7 +310,7 @@ int vq_bmm(const int8_t *A, const int8_t *B, int32_t *C, int64_t nb, int64_t nh,
            int64_t sbr, int64_t scb, int64_t sch, int64_t scm, int b_trans, int a_signed)
 {
     return bmm(A, B, C, nb, nh, m, k, n, sab, sah, sam, sbb, sbh, sbr, scb, sch, scm, b_trans,
-               a_signed, NULL);
+               a_signed, NULL, NULL);
 }
 
 /* The same product, each result quantized to one byte: clamp(rint(acc * mul * inv) + zp, lo,
@@ -303,7 +322,7 @@ int vq_bmm_quant(const int8_t *A, const int8_t *B, int8_t *C, int64_t nb, int64_
 {
     const Epi ep = {mul, inv, zp, lo, hi};
     return bmm(A, B, (int32_t *)C, nb, nh, m, k, n, sab, sah, sam, sbb, sbh, sbr, scb, sch, scm,
-               b_trans, a_signed, &ep);
+               b_trans, a_signed, &ep, NULL);
 }
 
 /* ---- q.k^T fused with rescale, softmax and quantization of the probabilities ------------ */
@@ -332,9 +351,10 @@ static inline __mmask16 tail_mask(int64_t left)
 }
 
 /* One row: p = softmax(alpha * s), codes = clamp(rint(p * inv_scale) + zp, lo, hi) as int8. */
-static void softmax_row(const int32_t *s, int64_t n, float alpha, float inv_scale, int zp, int lo,
-                        int hi, float *e, int8_t *out)
+static void softmax_row(const int32_t *s, int64_t n, const Sm *sm, float *e, int8_t *out)
 {
+    const float alpha = sm->alpha, inv_scale = sm->inv;
+    const int zp = sm->zp, lo = sm->lo, hi = sm->hi;
     const __m512 va = _mm512_set1_ps(alpha);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; j += 16) {
@@ -374,33 +394,7 @@ int vq_qk_softmax(const int8_t *Q, const int8_t *Kt, int8_t *P, int64_t nb, int6
                   int64_t skh, int64_t skr, int64_t spb, int64_t sph, int64_t spm, float alpha,
                   float inv_scale, int zp, int lo, int hi)
 {
-    const int64_t tasks = nb * nh;
-    int failed = 0;
-#pragma omp parallel
-    {
-        Work w;
-        const int ok = work_alloc(&w, k, n, 1);
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
-            if (!ok) continue;
-            const int64_t ib = t / nh, ih = t % nh;
-            const uint8_t *a = (const uint8_t *)(Q + ib * sqb + ih * sqh);
-            int8_t *p = P + ib * spb + ih * sph;
-            pack_b(Kt + ib * skb + ih * skh, skr, 1, k, n, w.np, w.bp, w.comp, w.zeros, 1);
-            for (int64_t i0 = 0; i0 < m; i0 += MR) {
-                const uint8_t *rows[MR];
-                const int mr = strip_rows(rows, a, i0, m, sqm, w.zeros);
-                strip(rows, w.bp, w.np, k, n, w.comp, w.sbuf, w.lds, mr, 1, NULL);
-                for (int r = 0; r < mr; r++)
-                    softmax_row(w.sbuf + r * w.lds, n, alpha, inv_scale, zp, lo, hi, w.ebuf,
-                                p + (i0 + r) * spm);
-            }
-        }
-        work_free(&w);
-    }
-    return failed;
+    const Sm sm = {alpha, inv_scale, zp, lo, hi};
+    return bmm(Q, Kt, (int32_t *)P, nb, nh, m, k, n, sqb, sqh, sqm, skb, skh, skr, spb, sph, spm,
+               1, 1, NULL, &sm);
 }
