@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", nargs="*", default=["openvino", "onnxruntime"])
     p.add_argument("--no-peers", dest="peers", action="store_const", const=[])
     p.add_argument("--json", default="benchmarks/results/bench_int8.json")
-    p.add_argument("--png", default="benchmarks/results/bench_int8.png")
+    p.add_argument("--png", default=None, help="bar chart (default: --json's path, .png)")
     p.add_argument("--replot", default="", help="only redraw --png (and the table) from a JSON")
     args = p.parse_args(argv)
+    if args.png is None:  # beside its JSON, so a run never overwrites another run's chart
+        args.png = os.path.splitext(args.replot or args.json)[0] + ".png"
     if args.replot:
         with open(args.replot) as f:
             saved = json.load(f)
