@@ -206,9 +206,7 @@ def vnni_bmm_quant(
     """
     if dtype not in (torch.uint8, torch.int8):
         raise ConfigError(f"vnni_bmm_quant stores uint8 or int8 codes, not {dtype}")
-    bound = (0, 255) if dtype == torch.uint8 else (-128, 127)
-    if not bound[0] <= lo <= hi <= bound[1] or scale <= 0:
-        raise ConfigError(f"vnni_bmm_quant: bad quantizer (scale {scale}, range [{lo}, {hi}])")
+    _check_grid("vnni_bmm_quant", scale, lo, hi, (0, 255) if dtype == torch.uint8 else (-128, 127))
     m, n = a.shape[-2], b.shape[-1]
     if heads_last:
         if a.dim() != 4:
@@ -221,31 +219,49 @@ def vnni_bmm_quant(
     return out
 
 
+def _check_grid(what: str, scale: float, lo: int, hi: int, bound: tuple[int, int]) -> None:
+    if not bound[0] <= lo <= hi <= bound[1] or scale <= 0:
+        raise ConfigError(f"{what}: bad quantizer (scale {scale}, range [{lo}, {hi}])")
+
+
+def _operands(
+    what: str, a: Tensor, b: Tensor, a_dtypes: tuple[torch.dtype, ...], *, trans_b: bool = False
+) -> tuple[Tensor, Tensor, bool, int]:
+    """Checks ``a @ b`` and returns ``(a4, b4, b_trans, b_row_stride)``: 4-D views with rows of
+    ``a`` contiguous and ``b`` stored by rows (or, ``b_trans``, as its transpose by rows; always
+    so with ``trans_b``), copying only operands in neither layout."""
+    if a.dtype not in a_dtypes or b.dtype != torch.int8:
+        names = "/".join(str(d).replace("torch.", "") for d in a_dtypes)
+        raise ConfigError(f"{what} takes {names} @ int8 codes, got {a.dtype} @ {b.dtype}")
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        raise ConfigError(f"{what} runs on the CPU")
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ConfigError(f"{what}: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    a4, b4 = _as4d(a), _as4d(b)
+    if a4.stride(-1) != 1:
+        a4 = a4.contiguous()
+    if not trans_b and b4.stride(-1) == 1:
+        trans = False
+    elif b4.stride(-2) == 1 or b4.shape[-2] == 1:  # the transpose of a row-major matrix
+        trans = True
+    elif trans_b:
+        b4, trans = b4.transpose(-2, -1).contiguous().transpose(-2, -1), True
+    else:
+        b4, trans = b4.contiguous(), False
+    return a4, b4, trans, b4.stride(-1) if trans else b4.stride(-2)
+
+
 def _bmm(a: Tensor, b: Tensor, out: Tensor, epi: tuple[float, float, int, int, int] | None) -> None:
     """Checks the operands and runs ``vq_bmm`` (int32 ``out``) or ``vq_bmm_quant`` (bytes)."""
     lib = _library()
-    if a.dtype not in (torch.int8, torch.uint8) or b.dtype != torch.int8:
-        raise ConfigError(f"vnni_bmm takes int8/uint8 @ int8 codes, got {a.dtype} @ {b.dtype}")
-    if a.device.type != "cpu" or b.device.type != "cpu":
-        raise ConfigError("vnni_bmm runs on the CPU")
-    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-        raise ConfigError(f"vnni_bmm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    a4, b4, trans, sbr = _operands("vnni_bmm", a, b, (torch.int8, torch.uint8))
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if out.numel() == 0:
         return
     if k == 0:
         out.zero_() if epi is None else out.fill_(min(max(epi[2], epi[3]), epi[4]))
         return
-    a4, b4, c4 = _as4d(a), _as4d(b), _as4d(out)
-    if a4.stride(-1) != 1:
-        a4 = a4.contiguous()
-    if b4.stride(-1) == 1:
-        trans = False
-    elif b4.stride(-2) == 1:  # the transpose of a row-major matrix (keys of q·kᵀ)
-        trans = True
-    else:
-        b4, trans = b4.contiguous(), False
-    sbr = b4.stride(-1) if trans else b4.stride(-2)
+    c4 = _as4d(out)
     args = (
         a4.data_ptr(), b4.data_ptr(), c4.data_ptr(), c4.shape[0], c4.shape[1], m, k, n,
         a4.stride(0), a4.stride(1), a4.stride(2), b4.stride(0), b4.stride(1), sbr,
@@ -272,24 +288,16 @@ def qk_softmax(
         ConfigError: the kernel is unavailable, or the operands do not fit.
     """
     lib = _library()
-    if q.dtype != torch.int8 or kt.dtype != torch.int8:
-        raise ConfigError(f"qk_softmax takes int8 codes, got {q.dtype} @ {kt.dtype}")
-    if q.shape[:-2] != kt.shape[:-2] or q.shape[-1] != kt.shape[-2]:
-        raise ConfigError(f"qk_softmax: shapes {tuple(q.shape)} @ {tuple(kt.shape)} do not match")
-    if not -128 <= lo <= hi <= 127 or scale <= 0:
-        raise ConfigError(f"qk_softmax: bad quantizer (scale {scale}, range [{lo}, {hi}])")
+    q4, k4, _, skr = _operands("qk_softmax", q, kt, (torch.int8,), trans_b=True)
+    _check_grid("qk_softmax", scale, lo, hi, (-128, 127))
     batch, m, k, n = q.shape[:-2], q.shape[-2], q.shape[-1], kt.shape[-1]
     out = torch.empty(*batch, m, n, dtype=torch.int8)
     if out.numel() == 0:
         return out
-    q4, k4, p4 = _as4d(q), _as4d(kt), _as4d(out)
-    if q4.stride(-1) != 1:
-        q4 = q4.contiguous()
-    if k4.stride(-2) != 1 and k > 1:
-        k4 = k4.transpose(-2, -1).contiguous().transpose(-2, -1)
+    p4 = _as4d(out)
     failed = lib.vq_qk_softmax(
         q4.data_ptr(), k4.data_ptr(), p4.data_ptr(), p4.shape[0], p4.shape[1], m, k, n,
-        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(-1),
+        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), skr,
         p4.stride(0), p4.stride(1), p4.stride(2), alpha, 1.0 / scale, zero_point, lo, hi,
     )  # fmt: skip
     if failed:
