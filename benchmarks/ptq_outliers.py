@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import time
@@ -45,32 +46,25 @@ def _ptq(config: QuantConfig, **calib: Any) -> Recipe:
 
 def _fallback(bits: int, max_drop: float, val: list[tuple[Tensor, Tensor]]) -> Recipe:
     """``lowbit`` at ``bits`` with the accuracy-driven fallback on held-out labelled images, as
-    ``vitquant calibrate --max-drop`` runs it: the reconstructed model if it meets the budget on
-    ``val``; else calibrated without reconstruction, fallback (8-bit layers) until the drop on
-    ``val`` is at most ``max_drop``, then reconstruction."""
+    ``vitquant calibrate --max-drop`` runs it (:func:`fallback_with_reconstruction`): the
+    reconstructed model if it meets the budget on ``val``; else fallback (8-bit layers) without
+    reconstruction, reconstruction, then each raised layer tried back at ``bits``."""
 
     def run(model: nn.Module, batches: list[Tensor]) -> nn.Module:
-        from vitquant.methods.ptq import fallback, reconstruct_with, without_reconstruction
+        from vitquant.methods.ptq.fallback_reconstructed import fallback_with_reconstruction
 
         cfg = QuantConfig("lowbit", bits, bits, pass_options={"reconstruct": {"progress": False}})
-        full = prepare(copy.deepcopy(model), cfg)
-        calibrate(full, batches, progress=False)
-        x = torch.cat([v[0] for v in val])
-        y = torch.cat([v[1] for v in val])
-        if top1(model, x, y) - top1(full, x, y) <= max_drop:
-            LAST_FALLBACK[:] = []
-            return full
-        q = prepare(copy.deepcopy(model), without_reconstruction(cfg))
-        calibrate(q, batches, progress=False)
-        report = fallback(model, q, val, calib_batches=batches, max_drop=max_drop, progress=False)
-        LAST_FALLBACK[:] = [layer.name for layer in report.layers]
-        reconstruct_with(q, batches, cfg)
-        return q
+        res = fallback_with_reconstruction(model, cfg, batches, val, max_drop=max_drop)
+        LAST_FALLBACK[:] = res.raised
+        LOWERED[:] = res.lowered
+        return res.model
 
     return run
 
 
+LOWBIT_BC = ["smooth", "output_mse", "reconstruct", "bias_correct"]
 LAST_FALLBACK: list[str] = []  # the layers the last fallback recipe kept at 8 bits
+LOWERED: list[str] = []  # those it raised, then returned to low bits after reconstruction
 
 
 def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
@@ -81,12 +75,19 @@ def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
         "ft2-w8a8": ("FT mode 2, percentile 99.99", _ptq(QuantConfig("ft2", 8, 8))),
         "default-w8a8": ("QuantConfig(wbits=8, abits=8): the robust preset, SmoothQuant 0.5",
                          _ptq(QuantConfig(wbits=8, abits=8))),
+        "default-bc-w8a8": ("robust preset + bias correction",
+                            _ptq(QuantConfig(wbits=8, abits=8, passes=["smooth", "bias_correct"]))),
         "repq-w6a6": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 6, 6, calibrator="mse"))),
         "lowbit-w6a6": ("lowbit preset: mse, searched SmoothQuant, output_mse, reconstruction",
                         _ptq(QuantConfig("lowbit", 6, 6, pass_options=quiet))),
         "repq-w4a4": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 4, 4, calibrator="mse"))),
         "lowbit-w4a4": ("lowbit preset: mse, searched SmoothQuant, output_mse, reconstruction",
                         _ptq(QuantConfig("lowbit", 4, 4, pass_options=quiet))),
+        "lowbit-bc-w4a4": ("lowbit + bias correction after the reconstruction",
+                           _ptq(QuantConfig("lowbit", 4, 4, passes=LOWBIT_BC, pass_options=quiet))),
+        "repq-bc-w4a4": ("RepQ-ViT, mse + bias correction",
+                         _ptq(QuantConfig("repq", 4, 4, calibrator="mse",
+                                          passes=["bias_correct"]))),
         "lowbit-w4a4-fb": ("lowbit W4A4 + fallback --max-drop 0.5 (8-bit layers)",
                            _fallback(4, 0.5, val)),
     }  # fmt: skip
@@ -151,8 +152,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and recipe: the mean, min and max drop over the calibration samples."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row["recipe"] != "float":
+            groups.setdefault((row["model"], row["recipe"]), []).append(row["drop"])
+    return [
+        dict(model=m, recipe=r, samples=len(d), mean_drop=sum(d) / len(d), min_drop=min(d),
+             max_drop=max(d))
+        for (m, r), d in groups.items()
+    ]  # fmt: skip
+
+
 def run_nncf(
-    args: argparse.Namespace, calib_x: Tensor, eval_x: Tensor, eval_y: Tensor, rows: list[dict]
+    args: argparse.Namespace,
+    samples: list[Tensor],
+    eval_x: Tensor,
+    eval_y: Tensor,
+    rows: list[dict],
 ) -> list[dict[str, Any]]:
     """Rows of ``ptq_nncf.py`` run in its own process on the saved models and the same images."""
     import subprocess
@@ -162,7 +180,8 @@ def run_nncf(
 
     folder = Path(args.save_models)
     data = folder / "images.npz"
-    np.savez(data, calib_x=calib_x.numpy(), eval_x=eval_x.numpy(), eval_y=eval_y.numpy())
+    calib = {f"calib_x_{k}": x.numpy() for k, x in enumerate(samples)}
+    np.savez(data, eval_x=eval_x.numpy(), eval_y=eval_y.numpy(), **calib)
     script = Path(__file__).with_name("ptq_nncf.py")
     cmd = [sys.executable, str(script), "--models", str(folder), "--arch", args.model]
     cmd += ["--data", str(data), "--kinds", *args.kinds]
@@ -177,7 +196,8 @@ def run_nncf(
         if line.startswith("{"):
             row = json.loads(line)
             row["drop"] = row["top1"] - floats[row["model"]]
-            print(f"{row['model']:7s} {'nncf-int8':14s} {row['top1']:6.2f} {row['drop']:+6.2f}")
+            tag = f"nncf-int8#{row['sample']}" if len(samples) > 1 else "nncf-int8"
+            print(f"{row['model']:7s} {tag:14s} {row['top1']:6.2f} {row['drop']:+6.2f}")
             out.append(row)
     return out
 
@@ -188,6 +208,11 @@ def main() -> None:
     ap.add_argument("--model", default="vit_micro_patch7_28")
     ap.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument(
+        "--calib-samples", type=int, default=1,
+        help="calibrate every recipe (and NNCF) on this many disjoint samples of --calib-images "
+        "training images; the summary gives each recipe's mean drop and range over them",
+    )  # fmt: skip
     ap.add_argument("--inject-images", type=int, default=1024)
     ap.add_argument("--eval-images", type=int, default=10000)
     ap.add_argument(
@@ -216,15 +241,21 @@ def main() -> None:
     base = vitquant.create_model(args.model, checkpoint_path=str(ckpt)).eval()
     train = build_dataset(args.data_path, "train", train_transform=False)
     test = build_dataset(args.data_path, "test", train_transform=False)
+    if args.calib_samples < 1:
+        ap.error("--calib-samples must be at least 1")
     calib_x, _ = _images(train, args.calib_images)
     inject_x, _ = _images(train, args.inject_images, start=args.calib_images)
     val_x, val_y = _images(train, args.val_images, start=args.calib_images + args.inject_images)
+    used = args.calib_images + args.inject_images + args.val_images
+    samples = [calib_x]  # sample 0 as before; the others follow the validation images
+    for k in range(1, args.calib_samples):
+        start = used + (k - 1) * args.calib_images
+        samples.append(_images(train, args.calib_images, start=start)[0])
+    used += (args.calib_samples - 1) * args.calib_images
     if args.eval_on == "test":
         eval_x, eval_y = _images(test, args.eval_images)
     else:
-        used = args.calib_images + args.inject_images + args.val_images
         eval_x, eval_y = _images(train, args.eval_images, start=used)
-    calib = _batches(calib_x, 32)
     table = recipes(list(zip(_batches(val_x, 250), _batches(val_y, 250), strict=True)))
     names = args.recipes or list(table)
     rows: list[dict[str, Any]] = []
@@ -243,35 +274,46 @@ def main() -> None:
         f1 = top1(model, eval_x, eval_y)
         rows.append(dict(model=kind, recipe="float", top1=f1, drop=0.0, seconds=inject_s))
         print(f"{kind:7s} {'float':14s} {f1:6.2f}", flush=True)
-        for name in names:
+        for name, (k, sample_x) in itertools.product(names, enumerate(samples)):
             t0 = time.monotonic()
-            q = table[name][1](model, calib)
+            q = table[name][1](model, _batches(sample_x, 32))
             sec = time.monotonic() - t0
             acc = top1(q, eval_x, eval_y)
-            row = dict(model=kind, recipe=name, top1=acc, drop=acc - f1, seconds=sec)
+            row = dict(model=kind, recipe=name, sample=k, top1=acc, drop=acc - f1, seconds=sec)
             extra = ""
             if name.endswith("-fb"):
                 row["fallback_layers"] = list(LAST_FALLBACK)
+                row["lowered_after_reconstruction"] = list(LOWERED)
                 extra = f"  8-bit: {', '.join(LAST_FALLBACK) or '-'}"
+                extra += f" (back at low bits: {', '.join(LOWERED)})" if LOWERED else ""
             if args.lowered:
                 row |= lowered_row(q, eval_x, eval_y)
                 extra += (f"  lowered {row['lowered_top1']:6.2f} ({row['lowered_top1'] - acc:+.2f}"
                           f", agreement {row['lowered_agreement']:.2f}%,"
                           f" {len(row['lowered_kept'])} kept)")  # fmt: skip
             rows.append(row)
-            print(f"{kind:7s} {name:14s} {acc:6.2f} {acc - f1:+6.2f}  {sec:5.1f} s{extra}",
+            tag = f"{name}#{k}" if len(samples) > 1 else name
+            print(f"{kind:7s} {tag:14s} {acc:6.2f} {acc - f1:+6.2f}  {sec:5.1f} s{extra}",
                   flush=True)  # fmt: skip
     if args.nncf:
-        rows += run_nncf(args, calib_x, eval_x, eval_y, rows)
+        rows += run_nncf(args, samples, eval_x, eval_y, rows)
+    summary = summarize(rows)
+    if len(samples) > 1:
+        print(f"\nmean drop over {len(samples)} calibration samples (min..max):")
+        for s in summary:
+            print(f"{s['model']:7s} {s['recipe']:14s} {s['mean_drop']:+6.2f}"
+                  f"  ({s['min_drop']:+.2f}..{s['max_drop']:+.2f})")  # fmt: skip
     report = dict(
         cpu=cpu_name(),
         torch=torch.__version__,
         float_checkpoint=str(ckpt),
         calib_images=args.calib_images,
+        calib_samples=len(samples),
         eval_images=len(eval_y),
         eval_on=args.eval_on,
         recipes={n: table[n][0] for n in names},
         rows=rows,
+        summary=summary,
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,33 @@ def digits_batches(n: int = 128, batch_size: int = 64) -> list[torch.Tensor]:
 
     ds = subset(build_dataset("digits", "train", img_size=28, train_transform=False), n, seed=0)
     return [x for x, _ in DataLoader(ds, batch_size=batch_size)]
+
+
+def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label of the built-in ``digits`` training split at 28 px."""
+    from torch.utils.data import DataLoader
+
+    from vitquant.data import build_dataset
+
+    ds = build_dataset("digits", "train", img_size=28, train_transform=False)
+    x, y = map(torch.cat, zip(*[(a, b) for a, b in DataLoader(ds, batch_size=512)]))
+    return x, y
+
+
+def trained_nano(x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> torch.nn.Module:
+    """A ``vit_nano_patch4_28`` trained for ``steps`` AdamW steps of 64 images (150: ~2 s, about
+    50% top-1 on digits: predictions that depend on the image, so quantization flips some)."""
+    import torch.nn.functional as F
+
+    import vitquant
+
+    torch.manual_seed(0)
+    model = vitquant.create_model("vit_nano_patch4_28", num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -11,6 +11,7 @@ prints the quantizer table and writes ``<calib-output-path>/<model>_calib.pth`` 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,31 +150,9 @@ def _fallback_images(args: argparse.Namespace, val: Any) -> list[Any]:
     return batches
 
 
-def _meets_budget(args: argparse.Namespace, model: Any, qmodel: Any, val: Any) -> bool:
-    """Whether ``qmodel`` meets ``--max-drop`` / ``--target-agreement`` on the fallback images."""
-    import torch
-
-    from vitquant.models.activation_stats import output_agreement
-
-    batches = _fallback_images(args, val)
-    if args.target_agreement is not None:
-        agree = 100.0 * output_agreement(model, qmodel, [x for x, _ in batches])["agreement"]
-        return agree >= args.target_agreement
-    hits = {"float": 0, "quantized": 0}
-    with torch.no_grad():
-        for x, y in batches:
-            for key, m in (("float", model), ("quantized", qmodel)):
-                out = m(x.to(next(m.parameters()).device))
-                out = getattr(out, "logits", out)
-                hits[key] += int((out.argmax(-1).cpu() == y).sum())
-    n = sum(len(y) for _, y in batches)
-    return 100.0 * (hits["float"] - hits["quantized"]) / n <= args.max_drop
-
-
-def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val: Any) -> Any:
-    """Runs :func:`vitquant.methods.ptq.fallback.fallback` on the first validation images."""
+def _fallback_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``higher_bits`` and the budget (``max_drop`` or ``target_agreement``) of the fallback."""
     from vitquant.errors import ConfigError
-    from vitquant.methods.ptq.fallback import fallback
 
     bits = args.fallback_bits
     if str(bits).lower() == "float":
@@ -183,27 +162,33 @@ def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val
             higher = int(bits)
         except ValueError:
             raise ConfigError(f"--fallback-bits {bits!r}: 8 (or other bits) or float") from None
-    batches = _fallback_images(args, val)
     budget = (
         {"max_drop": args.max_drop}
         if args.max_drop is not None
         else {"target_agreement": args.target_agreement}
     )
+    return {"higher_bits": higher, **budget}
+
+
+def _fallback(args: argparse.Namespace, model: Any, qmodel: Any, calib: Any, val: Any) -> Any:
+    """Runs :func:`vitquant.methods.ptq.fallback.fallback` on the first validation images."""
+    from vitquant.methods.ptq.fallback import fallback
+
+    batches = _fallback_images(args, val)
     return fallback(
         model,
         qmodel,
         batches,
         calib_batches=list(calib),
-        higher_bits=higher,
         progress=not args.no_progress,
-        **budget,
+        **_fallback_options(args),
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Calibrates, evaluates, prints the comparison and the quantizer table, saves the model."""
     from vitquant.errors import CheckpointError, ConfigError
-    from vitquant.methods.ptq.reconstruct_pass import reconstruct_with, without_reconstruction
+    from vitquant.methods.ptq.fallback_reconstructed import fallback_with_reconstruction
     from vitquant.methods.ptq.sweep import config_label, run_ptq
     from vitquant.models import create_model
     from vitquant.quant import QuantConfig, format_summary, quant_summary, save_calibrated
@@ -255,21 +240,27 @@ def run(args: argparse.Namespace) -> int:
     use_fallback = args.max_drop is not None or args.target_agreement is not None
     late_reconstruct = use_fallback and "reconstruct" in config.effective_passes
     progress = not args.no_progress
-    qmodel, row = run_ptq(model, config, calib, None, device=device, progress=progress)
-    if late_reconstruct and _meets_budget(args, model, qmodel, val):
-        # the reconstructed model meets the budget by itself: no layer is raised
-        print("the reconstructed model meets the budget: no fallback needed")
-        use_fallback = False
-    elif late_reconstruct:
-        # the fallback must see the float weights: calibrate without reconstruction, fallback,
-        # then reconstruct (reconstruction moves the weights onto their low-bit grid)
-        first = without_reconstruction(config)
-        qmodel, row = run_ptq(model, first, calib, None, device=device, progress=progress)
     fallback_report = None
-    if use_fallback:
-        fallback_report = _fallback(args, model, qmodel, calib, val)
-        if late_reconstruct:
-            reconstruct_with(qmodel, list(calib), config)
+    if late_reconstruct:
+        # the fallback must see the float weights (reconstruction moves them onto their low-bit
+        # grid): the full recipe if it meets the budget, else fallback without reconstruction,
+        # reconstruct, and return raised layers the reconstruction made unnecessary
+        t0 = time.perf_counter()
+        res = fallback_with_reconstruction(
+            model, config, list(calib), _fallback_images(args, val), progress=progress,
+            **_fallback_options(args),
+        )  # fmt: skip
+        qmodel, fallback_report = res.model, res.report
+        row = {"label": config_label(config), "config": res.config.to_dict()}
+        row["calib_seconds"] = round(time.perf_counter() - t0, 2)
+        if fallback_report is None:
+            print("the reconstructed model meets the budget: no fallback needed")
+        elif res.lowered:
+            print(f"after reconstruction, back at low precision: {', '.join(res.lowered)}")
+    else:
+        qmodel, row = run_ptq(model, config, calib, None, device=device, progress=progress)
+        if use_fallback:
+            fallback_report = _fallback(args, model, qmodel, calib, val)
     row.update(evaluate(qmodel, val, device))
     print(format_summary(quant_summary(qmodel)))
     print()

@@ -17,10 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 import vitquant
-from vitquant.data import build_dataset
+from helpers import digits_tensors, trained_nano
 from vitquant.errors import ConfigError, DataError
 from vitquant.methods.ptq.fallback import FallbackConfig, FallbackReport, fallback
 from vitquant.models.activation_stats import output_agreement
@@ -36,9 +35,7 @@ Data = tuple[list[Tensor], list[tuple[Tensor, Tensor]]]
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[Tensor, Tensor]:
-    ds = build_dataset("digits", "train", img_size=28, train_transform=False)
-    x, y = map(torch.cat, zip(*[(a, b) for a, b in DataLoader(ds, batch_size=512)]))
-    return x, y
+    return digits_tensors()
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +49,7 @@ def data(digits: tuple[Tensor, Tensor]) -> Data:
 
 @pytest.fixture(scope="module")
 def trained(digits: tuple[Tensor, Tensor]) -> nn.Module:
-    """A nano ViT trained for ~2 s on digits (about 50% top-1: predictions that depend on the
-    image, so quantization errors flip some of them)."""
-    x, y = digits
-    torch.manual_seed(0)
-    model = vitquant.create_model("vit_nano_patch4_28", num_classes=10)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        idx = torch.randint(0, len(x), (64,))
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return trained_nano(*digits)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,22 @@
 (FasterTransformer's ft1/ft2/ft3/trt and RepQ-ViT's repq): :func:`run_ptq`, :func:`ptq_sweep`,
 :func:`ptq_grid`; SmoothQuant's outlier migration (:mod:`.smoothquant`, pass ``smooth``):
 :func:`smooth`, :func:`smooth_and_calibrate`; loss-aware ranges (:mod:`.loss_aware`, pass
-``output_mse``); block reconstruction (:mod:`.reconstruct`, pass ``reconstruct``,
-:func:`reconstruct`); accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`. The PTQ core
-(points, calibrators, :func:`vitquant.quant.calibrate`) lives in :mod:`vitquant.quant`.
+``output_mse``); bias correction (:mod:`.bias_correction`, pass ``bias_correct``:
+:func:`correct_bias`); block reconstruction (:mod:`.reconstruct`, pass ``reconstruct``,
+:func:`reconstruct`); accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`, and with
+reconstruction (:mod:`.fallback_reconstructed`): :func:`fallback_with_reconstruction`. The PTQ
+core (points, calibrators, :func:`vitquant.quant.calibrate`) lives in :mod:`vitquant.quant`.
 """
 
 from __future__ import annotations
 
+from vitquant.methods.ptq.bias_correction import BiasCorrection, BiasShift, correct_bias
 from vitquant.methods.ptq.fallback import FallbackConfig, FallbackReport, fallback
+from vitquant.methods.ptq.fallback_reconstructed import (
+    ReconstructedFallback,
+    fallback_with_reconstruction,
+    meets_budget,
+)
 from vitquant.methods.ptq.loss_aware import OutputMSE, refine_ranges
 from vitquant.methods.ptq.reconstruct import (
     BlockReport,
@@ -44,9 +52,15 @@ __all__ = [
     "smoothing_report",
     "refine_ranges",
     "OutputMSE",
+    "correct_bias",
+    "BiasCorrection",
+    "BiasShift",
     "fallback",
     "FallbackConfig",
     "FallbackReport",
+    "fallback_with_reconstruction",
+    "ReconstructedFallback",
+    "meets_budget",
     "reconstruct",
     "ReconstructConfig",
     "ReconstructReport",
