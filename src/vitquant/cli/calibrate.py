@@ -52,7 +52,8 @@ def add_parser(subparsers: Any) -> None:
         "--passes",
         nargs="*",
         default=None,
-        help="calibration passes (default: the mode's): smooth, output_mse, reconstruct",
+        help="calibration passes (default: the mode's): smooth, output_mse, reconstruct, "
+        "bias_correct",
     )
     p.add_argument(
         "--smooth-alpha",
