@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from vitquant.errors import ConfigError
 from vitquant.registry import Registry
 
 if TYPE_CHECKING:
@@ -40,8 +41,17 @@ class CalibrationPass:
     name = ""
     #: run after every pass without this flag, whatever order the config names them in
     runs_last = False
+    #: the option names the pass takes (None: any; the pass checks them itself)
+    option_names: frozenset[str] | None = None
 
     def __init__(self, **options: Any) -> None:
+        if self.option_names is not None:
+            bad = set(options) - self.option_names
+            if bad:
+                raise ConfigError(
+                    f"{self.name}: unknown option(s) {', '.join(sorted(bad))}; use "
+                    f"{', '.join(sorted(self.option_names))}"
+                )
         self.options = dict(options)
 
     def before_statistics(
