@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError, DataError
-from vitquant.quant.api import batch_input, named_quantizers
+from vitquant.quant.api import batch_input
 from vitquant.quant.modules import QuantLinear
 from vitquant.quant.passes import CALIBRATION_PASSES, CalibrationPass
 
@@ -173,7 +173,7 @@ def correct_bias(
         if bad:
             raise ConfigError(f"bias_correct: not a quantized Linear with a bias: {', '.join(bad)}")
         found = {n: found[n] for n in layers}
-    if not found or not any(True for _ in named_quantizers(model)):
+    if not found:
         return []
     was_training = model.training
     model.eval()
