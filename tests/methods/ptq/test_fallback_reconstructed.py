@@ -80,8 +80,11 @@ def test_meets_the_budget_and_no_raised_layer_can_go_back(
     res = fallback_with_reconstruction(model, CONFIG, calib, val, max_drop=budget)
     assert res.report is not None and res.report.met and res.raised
     assert _drop(model, res.model, val) <= budget + 1e-9
-    for name in res.raised:  # minimal after reconstruction
-        assert _drop(model, _rebuild_without(model, res, name, calib), val) > budget
+    if res.reconstructed:
+        for name in res.raised:  # minimal after reconstruction
+            assert _drop(model, _rebuild_without(model, res, name, calib), val) > budget
+    else:  # the reconstruction missed the budget: the fallback's model, without it
+        assert "reconstruct" not in res.config.effective_passes
     bits = _input_bits(res.model)
     assert all(bits[name] == 8 for name in res.raised)
     assert any(b == 4 for b in bits.values())

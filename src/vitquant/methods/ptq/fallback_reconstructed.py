@@ -11,7 +11,9 @@ them onto their low-bit grid, which a layer raised to 8 bits would keep), so a r
    raised in step 2 may no longer be needed: each one, the last raised first, is tried back at
    low precision by rebuilding the model from the float one (``prepare`` with the remaining
    layers' overrides, ``calibrate`` with the reconstruction) and dropped when the rebuilt model
-   still meets the budget. Each try costs one calibration with reconstruction.
+   still meets the budget. Each try costs one calibration with reconstruction. Should the
+   reconstruction of step 2 miss the budget that the fallback met without it (it fits the
+   calibration images, not the validation ones), the model without reconstruction is returned.
 
 After step 3 no single raised layer can go back to low precision (with reconstruction) and keep
 the budget, which is the sense in which the count is minimal; like the fallback's own greedy
@@ -44,7 +46,9 @@ class ReconstructedFallback:
     ``report`` is the fallback's (None when the reconstructed model met the budget alone), its
     ``layers`` narrowed to those still raised and ``met`` measured after the reconstruction (the
     fallback's own steps are measured before it); ``lowered`` names the layers the prune after
-    reconstruction returned to low precision, ``tries`` the rebuilds it made.
+    reconstruction returned to low precision, ``tries`` the rebuilds it made. ``reconstructed``
+    is False when the reconstruction of the mixed model missed the budget that the fallback's
+    model met without it: that model is returned (its config without the reconstruct pass).
     """
 
     model: nn.Module
@@ -52,6 +56,7 @@ class ReconstructedFallback:
     report: FallbackReport | None = None
     lowered: list[str] = field(default_factory=list)
     tries: int = 0
+    reconstructed: bool = True
 
     @property
     def raised(self) -> list[str]:
@@ -151,8 +156,14 @@ def fallback_with_reconstruction(
         model_float, q, val, calib_batches=calib, higher_bits=higher_bits, progress=progress,
         **{k: v for k, v in budget.items() if v is not None},
     )  # fmt: skip
+    before = copy.deepcopy(q)
     reconstruct_with(q, calib, config)
     met = meets_budget(model_float, q, val, **budget)  # after the reconstruction
+    if not met and report.met:
+        # reconstruction on the calibration images cost validation accuracy: the fallback's
+        # model without it meets the budget, so that one is returned
+        cfg = report.quant_config(without_reconstruction(config))
+        return ReconstructedFallback(before, cfg, report, reconstructed=False)
     result = ReconstructedFallback(q, report.quant_config(config), replace(report, met=met))
     if not prune or not met:
         return result
