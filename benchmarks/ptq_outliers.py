@@ -70,6 +70,7 @@ LOWERED: list[str] = []  # those it raised, then returned to low bits after reco
 def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
     """``{name: (what it is, recipe)}``: the seed's presets, then vitquant's robust ones."""
     quiet = {"reconstruct": {"progress": False}}
+    FISHER = {"reconstruct": {"progress": False, "loss": "fisher"}}  # noqa: N806
     return {
         "ft1-w8a8": ("FT mode 1, percentile 99.99", _ptq(QuantConfig("ft1", 8, 8))),
         "ft2-w8a8": ("FT mode 2, percentile 99.99", _ptq(QuantConfig("ft2", 8, 8))),
@@ -86,6 +87,13 @@ def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
         "repq-w4a4": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 4, 4, calibrator="mse"))),
         "lowbit-w4a4": ("lowbit preset: mse, searched SmoothQuant, output_mse, reconstruction",
                         _ptq(QuantConfig("lowbit", 4, 4, pass_options=quiet))),
+        "lowbit-fisher-w4a4": ("lowbit, Fisher-weighted reconstruction (BRECQ)",
+                               _ptq(QuantConfig("lowbit", 4, 4, pass_options=FISHER))),
+        "lowbit-w3a3": ("lowbit preset at 3 bits",
+                        _ptq(QuantConfig("lowbit", 3, 3, pass_options=quiet))),
+        "lowbit-fisher-w3a3": ("lowbit at 3 bits, Fisher-weighted reconstruction (BRECQ)",
+                               _ptq(QuantConfig("lowbit", 3, 3, pass_options=FISHER))),
+        "repq-w3a3": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 3, 3, calibrator="mse"))),
         "lowbit-bc-w4a4": ("lowbit + bias correction after the reconstruction",
                            _ptq(QuantConfig("lowbit", 4, 4, passes=LOWBIT_BC, pass_options=quiet))),
         "repq-bc-w4a4": ("RepQ-ViT, mse + bias correction",

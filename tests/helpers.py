@@ -143,3 +143,16 @@ def trained_nano(x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> torch.nn
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def block_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every ``model.blocks`` block's output when ``model`` runs on ``x`` (no gradients)."""
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs

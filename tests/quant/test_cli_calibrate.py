@@ -129,3 +129,29 @@ def test_calibrate_cli_lowbit_with_a_budget(
                 if hasattr(q, "bits") and n.endswith("weight_quantizer")}  # fmt: skip
         assert all(bits[name] == 8 for name in kept if name in bits)
         assert any(b == 4 for b in bits.values())
+
+
+def test_calibrate_cli_reconstruct_loss(tmp_path: Path) -> None:
+    """--reconstruct-loss fisher reaches the reconstruct pass (and adds it to the passes)."""
+    rc = main(
+        [
+            "calibrate",
+            "--model", "vit_nano_patch4_28",
+            "--data-path", "digits",
+            "--img-size", "28",
+            "--num-calib-batch", "1",
+            "--calib-batchsz", "16",
+            "--batch-size", "64",
+            "--max-eval-batches", "1",
+            "--wbits", "4", "--abits", "4",
+            "--reconstruct-iters", "5",
+            "--reconstruct-loss", "fisher",
+            "--calib-output-path", str(tmp_path),
+            "--device", "cpu",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    config = json.loads((tmp_path / "vit_nano_patch4_28_calib.json").read_text())["config"]
+    assert "reconstruct" in config["passes"]
+    assert config["pass_options"]["reconstruct"]["loss"] == "fisher"

@@ -69,6 +69,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--reconstruct-iters", type=int, default=None, help="reconstruction steps per block"
     )
+    p.add_argument(
+        "--reconstruct-loss",
+        choices=("mse", "fisher"),
+        default=None,
+        help="block output loss: mse (default) or fisher (BRECQ's Fisher-weighted MSE)",
+    )
     fb = p.add_argument_group("accuracy-driven fallback (keep the most sensitive layers higher)")
     budget = fb.add_mutually_exclusive_group()
     budget.add_argument("--max-drop", type=float, default=None, help="allowed top-1 drop (points)")
@@ -126,7 +132,7 @@ def _passes(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[
             passes = list(PRESETS[resolve_preset(args.quant_mode)].passes)
         if "smooth" not in passes:
             passes.insert(0, "smooth")
-    if args.reconstruct or args.reconstruct_iters is not None:
+    if args.reconstruct or args.reconstruct_iters is not None or args.reconstruct_loss:
         if passes is None:
             passes = list(PRESETS[resolve_preset(args.quant_mode)].passes)
         if "reconstruct" not in passes:
@@ -136,6 +142,8 @@ def _passes(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[
             if args.reconstruct_iters < 1:
                 raise ConfigError("--reconstruct-iters must be at least 1")
             rec["iterations"] = args.reconstruct_iters
+        if args.reconstruct_loss:
+            rec["loss"] = args.reconstruct_loss
         options["reconstruct"] = rec
     return passes, options
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import vitquant
-from helpers import randomize_affine
+from helpers import block_outputs, randomize_affine
 from vitquant.data import build_dataset, subset
 from vitquant.errors import ConfigError, DataError
 from vitquant.methods.ptq.reconstruct import ReconstructConfig, ReconstructReport, reconstruct
@@ -54,17 +54,6 @@ def models(
     rec = copy.deepcopy(plain)
     report = reconstruct(float_model, rec, batches[:2], FAST)
     return float_model, plain, rec, report
-
-
-def block_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """Every block's output when ``model`` runs on ``x``."""
-    outs: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.blocks]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return outs
 
 
 def rel_mse(a: Tensor, b: Tensor) -> float:

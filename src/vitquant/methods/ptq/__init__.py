@@ -4,9 +4,10 @@
 :func:`smooth`, :func:`smooth_and_calibrate`; loss-aware ranges (:mod:`.loss_aware`, pass
 ``output_mse``); bias correction (:mod:`.bias_correction`, pass ``bias_correct``:
 :func:`correct_bias`); block reconstruction (:mod:`.reconstruct`, pass ``reconstruct``,
-:func:`reconstruct`); accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`, and with
-reconstruction (:mod:`.fallback_reconstructed`): :func:`fallback_with_reconstruction`. The PTQ
-core (points, calibrators, :func:`vitquant.quant.calibrate`) lives in :mod:`vitquant.quant`.
+:func:`reconstruct`; Fisher weights of its loss, :mod:`.fisher`: :func:`block_fisher_weights`);
+accuracy-driven fallback (:mod:`.fallback`): :func:`fallback`, and with reconstruction
+(:mod:`.fallback_reconstructed`): :func:`fallback_with_reconstruction`. The PTQ core (points,
+calibrators, :func:`vitquant.quant.calibrate`) lives in :mod:`vitquant.quant`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vitquant.methods.ptq.fallback_reconstructed import (
     fallback_with_reconstruction,
     meets_budget,
 )
+from vitquant.methods.ptq.fisher import block_fisher_weights
 from vitquant.methods.ptq.loss_aware import OutputMSE, refine_ranges
 from vitquant.methods.ptq.reconstruct import (
     BlockReport,
@@ -55,6 +57,7 @@ __all__ = [
     "correct_bias",
     "BiasCorrection",
     "BiasShift",
+    "block_fisher_weights",
     "fallback",
     "FallbackConfig",
     "FallbackReport",

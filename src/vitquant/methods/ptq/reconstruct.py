@@ -16,6 +16,8 @@ block reproduces its float counterpart's output (MSE) on a few hundred unlabelle
   ``lambda * sum(1 - |2h - 1|^beta)`` with ``beta`` annealed from 20 to 2 after a warm-up;
 * activation scales ``s = s0 * exp(theta)`` (zero points fixed) get the LSQ gradient of the
   fake quantization ``(clamp(round_ste(x / s) + z, qmin, qmax) - z) * s``.
+* optionally (``loss="fisher"``) the MSE weights each output element by the diagonal Fisher
+  information of the float model's loss (BRECQ section 3.2; :mod:`vitquant.methods.ptq.fisher`).
 
 The result stays a plain calibrated model: the hard rounding (``h = 1`` where ``V >= 0``) is
 written back into the float weights exactly on the weight quantizer's grid, so the existing
@@ -46,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError, DataError
+from vitquant.methods.ptq.fisher import block_fisher_weights
 from vitquant.quant import primitives as P
 from vitquant.quant.api import batch_input, get_config, named_quantizers
 from vitquant.quant.modules import QuantModule
@@ -56,6 +59,7 @@ __all__ = ["ReconstructConfig", "BlockReport", "ReconstructReport", "reconstruct
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
 _EVAL_BATCH = 64  # images per forward pass without gradients
+_LOSSES = ("mse", "fisher")
 
 
 @dataclass
@@ -78,6 +82,11 @@ class ReconstructConfig:
         drop_prob: QDrop: probability that an input element of the quantized block is taken from
             the float input instead (0: BRECQ, the quantized input only).
         max_bits: weight quantizers inside the blocks must have at most this many bits (2..8).
+        loss: ``"mse"`` (each output element alike) or ``"fisher"`` (BRECQ's Fisher-weighted
+            MSE: elements weighted by the squared gradient of the float model's loss against
+            its own top-1, :mod:`vitquant.methods.ptq.fisher`).
+        fisher_mix: with ``loss="fisher"``, the Fisher term's share of each weight (0..1; the
+            rest is the uniform weight of the MSE).
         seed: seed of the batch sampling and the QDrop masks.
         progress: show a tqdm bar (rate and ETA) over blocks x iterations.
     """
@@ -94,6 +103,8 @@ class ReconstructConfig:
     warmup: float = 0.2
     drop_prob: float = 0.0
     max_bits: int = 8
+    loss: str = "mse"
+    fisher_mix: float = 1.0
     seed: int = 0
     progress: bool = True
 
@@ -111,6 +122,10 @@ class ReconstructConfig:
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
         self.max_bits = P.check_bits(self.max_bits, 2, 8, what="max_bits")
+        if self.loss not in _LOSSES:
+            raise ConfigError(f"loss={self.loss!r}: choose one of {', '.join(_LOSSES)}")
+        if not 0.0 <= float(self.fisher_mix) <= 1.0:
+            raise ConfigError(f"fisher_mix={self.fisher_mix!r} must be in [0, 1]")
         if not (self.weights or self.activations):
             raise ConfigError("nothing to reconstruct: set weights=True or activations=True")
 
@@ -118,7 +133,8 @@ class ReconstructConfig:
 @dataclass
 class BlockReport:
     """One block: relative output MSE (``mean((y_q - y)^2) / mean(y^2)`` over the calibration
-    images, the quantized block reading the quantized model's input) before and after."""
+    images, the quantized block reading the quantized model's input) before and after; with
+    ``loss="fisher"`` each squared error is Fisher-weighted, the objective the block learned."""
 
     name: str
     mse_before: float
@@ -318,10 +334,18 @@ def _run(block: nn.Module, x: Tensor) -> Tensor:
         return torch.cat([block(c) for c in x.split(_EVAL_BATCH)])
 
 
-def _rel_mse(block: nn.Module, x: Tensor, y: Tensor, norm: Tensor) -> tuple[float, Tensor]:
-    """``(relative MSE of block(x) against y, block(x))``."""
+def _sq_error(out: Tensor, y: Tensor, w: Tensor | None) -> Tensor:
+    """Mean squared error, each element weighted by ``w`` when given (Fisher weights)."""
+    err = (out - y).pow(2)
+    return (err if w is None else err * w.to(err.dtype)).mean()
+
+
+def _rel_mse(
+    block: nn.Module, x: Tensor, y: Tensor, norm: Tensor, w: Tensor | None
+) -> tuple[float, Tensor]:
+    """``(relative (weighted) MSE of block(x) against y, block(x))``."""
     out = _run(block, x)
-    return float((out - y).pow(2).mean() / norm), out
+    return float(_sq_error(out, y, w) / norm), out
 
 
 def _images(batches: Iterable[Any]) -> Tensor:
@@ -377,14 +401,14 @@ def _beta(cfg: ReconstructConfig, it: int) -> float | None:
 def _optimise(
     name: str,
     qb: nn.Module,
-    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    data: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None],
     parts: tuple[list[_Rounding], list[_ActScale]],
     cfg: ReconstructConfig,
     gen: torch.Generator,
     bar: Any,
 ) -> None:
     """The optimisation loop (the learned parts stand in for the quantizers)."""
-    x_q, x_fp, y, norm = data
+    x_q, x_fp, y, norm, w = data
     roundings, acts = parts
     groups = []
     if roundings:
@@ -404,7 +428,7 @@ def _optimise(
                 if cfg.drop_prob > 0:
                     keep = torch.rand(x.shape, generator=gen) < cfg.drop_prob
                     x = torch.where(keep.to(x.device), x_fp[idx], x)
-                loss = (qb(x) - y[idx]).pow(2).mean() / norm
+                loss = _sq_error(qb(x), y[idx], None if w is None else w[idx]) / norm
                 beta = _beta(cfg, it)
                 if beta is not None and roundings and cfg.reg_weight > 0:
                     loss = loss + cfg.reg_weight * sum(r.reg(beta) for r in roundings)
@@ -425,6 +449,7 @@ def _reconstruct_block(
     x_q: Tensor,
     x_fp: Tensor,
     y: Tensor,
+    w: Tensor | None,
     cfg: ReconstructConfig,
     gen: torch.Generator,
     bar: Any,
@@ -438,17 +463,17 @@ def _reconstruct_block(
     norm = y.pow(2).mean().clamp_min(1e-12)
     roundings, acts = _learned_parts(name, qb, cfg)
     with _standing_in(acts):
-        before, out = _rel_mse(qb, x_q, y, norm)
+        before, out = _rel_mse(qb, x_q, y, norm, w)
     learned = acts if cfg.activations else []
     if not roundings and not learned:
         bar.update(cfg.iterations)
         return BlockReport(name, before, before, 0, 0, 0, True, time.perf_counter() - t0), out
-    _optimise(name, qb, (x_q, x_fp, y, norm), (roundings, acts), cfg, gen, bar)
+    _optimise(name, qb, (x_q, x_fp, y, norm, w), (roundings, acts), cfg, gen, bar)
     saved = [(r.param, r.param.detach().clone()) for r in roundings]
     ranges = [(a.q, {k: getattr(a.q, k).clone() for k in RANGE_TENSORS}) for a in learned]
     flipped = _write_back(roundings, learned)
     with _standing_in(acts):  # the learned scales, now also the quantizers' own
-        after, out_after = _rel_mse(qb, x_q, y, norm)
+        after, out_after = _rel_mse(qb, x_q, y, norm, w)
     kept = not after < before
     if kept:  # learning did not help on these images: back to round-to-nearest
         with torch.no_grad():
@@ -522,6 +547,11 @@ def reconstruct(
     names = [n for n, _, _ in pairs]
     chained = _chained(model_quantized, names) and _chained(model_float, names)
     report = ReconstructReport(images=int(images.shape[0]), config=asdict(cfg))
+    fisher: list[Tensor | None] = [None] * len(pairs)
+    if cfg.loss == "fisher":
+        fisher = list(
+            block_fisher_weights(model_float, [fb for *_, fb in pairs], images, cfg.fisher_mix)
+        )
     from tqdm.auto import tqdm
 
     total = len(pairs) * cfg.iterations
@@ -534,7 +564,9 @@ def reconstruct(
                 x_q = _capture(model_quantized, qb, images)
                 x_fp = _capture(model_float, fb, images).to(x_q.device)
             y = _run(fb, x_fp.to(_device(fb))).to(x_q.device)
-            block_report, out = _reconstruct_block(name, qb, x_q, x_fp, y, cfg, gen, bar)
+            w = fisher[i]
+            w = None if w is None else w.to(x_q.device)
+            block_report, out = _reconstruct_block(name, qb, x_q, x_fp, y, w, cfg, gen, bar)
             report.blocks.append(block_report)
             if chained:
                 x_q, x_fp = out, y
