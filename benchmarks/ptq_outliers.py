@@ -71,6 +71,9 @@ def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
     """``{name: (what it is, recipe)}``: the seed's presets, then vitquant's robust ones."""
     quiet = {"reconstruct": {"progress": False}}
     FISHER = {"reconstruct": {"progress": False, "loss": "fisher"}}  # noqa: N806
+    FISHER05 = {"reconstruct": {"progress": False, "loss": "fisher", "fisher_mix": 0.5}}  # noqa: N806
+    SEED1 = {"reconstruct": {"progress": False, "seed": 1}}  # noqa: N806
+    FISHER_SEED1 = {"reconstruct": {**FISHER["reconstruct"], "seed": 1}}  # noqa: N806
     return {
         "ft1-w8a8": ("FT mode 1, percentile 99.99", _ptq(QuantConfig("ft1", 8, 8))),
         "ft2-w8a8": ("FT mode 2, percentile 99.99", _ptq(QuantConfig("ft2", 8, 8))),
@@ -93,6 +96,12 @@ def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
                         _ptq(QuantConfig("lowbit", 3, 3, pass_options=quiet))),
         "lowbit-fisher-w3a3": ("lowbit at 3 bits, Fisher-weighted reconstruction (BRECQ)",
                                _ptq(QuantConfig("lowbit", 3, 3, pass_options=FISHER))),
+        "lowbit-fisher-mix05-w3a3": ("lowbit at 3 bits, Fisher weights blended 1:1 with MSE's",
+                                     _ptq(QuantConfig("lowbit", 3, 3, pass_options=FISHER05))),
+        "lowbit-seed1-w3a3": ("lowbit at 3 bits, reconstruction seed 1 (its sampling noise)",
+                              _ptq(QuantConfig("lowbit", 3, 3, pass_options=SEED1))),
+        "lowbit-fisher-seed1-w3a3": ("lowbit at 3 bits, Fisher-weighted, reconstruction seed 1",
+                                     _ptq(QuantConfig("lowbit", 3, 3, pass_options=FISHER_SEED1))),
         "repq-w3a3": ("RepQ-ViT, mse", _ptq(QuantConfig("repq", 3, 3, calibrator="mse"))),
         "lowbit-bc-w4a4": ("lowbit + bias correction after the reconstruction",
                            _ptq(QuantConfig("lowbit", 4, 4, passes=LOWBIT_BC, pass_options=quiet))),
