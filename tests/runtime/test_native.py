@@ -1,9 +1,10 @@
-"""vitquant.runtime.native: the C AVX512-VNNI attention kernels, built on first use.
+"""vitquant.runtime.native: the C AVX512-VNNI attention and LayerNorm kernels, built on first use.
 
 Checked against int64 ``torch.matmul`` (exact integer products) and ``torch.softmax`` followed
-by ``torch.quantize_per_tensor`` (the eager runtime's own path), on shapes that hit every edge of
-the kernel (rows past the 6-row tile, columns past 16/64, inner sizes that are not multiples of
-4, strided views like the qkv epilogue's, batch dimensions of any rank, stride-0 broadcasts).
+by ``torch.quantize_per_tensor`` (the eager runtime's own path) and ATen's LayerNorm followed by
+rounding, on shapes that hit every edge of the kernels (rows past the 6-row tile, columns past
+16/64, inner sizes that are not multiples of 4, strided views like the qkv epilogue's, batch
+dimensions of any rank, stride-0 broadcasts).
 """
 
 from __future__ import annotations
@@ -129,6 +130,78 @@ def test_qk_softmax_matches_softmax_then_quantize(
     # where a probability sits on a rounding midpoint
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
     assert got.min() >= lo and got.max() <= hi
+
+
+def _ln_codes(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, lo: int, hi: int
+) -> torch.Tensor:
+    """ATen's LayerNorm (float32 statistics), then round half to even and saturate."""
+    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+    return torch.round(y).clamp(lo, hi)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 17), (2, 197, 64), (1, 197, 384), (2, 7, 200)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,lo,hi,zp", [(torch.uint8, 0, 255, 128.0),
+                                            (torch.int8, -128, 127, 0.0),
+                                            (torch.int8, -7, 7, 0.0)])  # fmt: skip
+def test_layernorm_quant_matches_layer_norm_then_round(
+    shape: tuple[int, ...], x_dtype: torch.dtype, dtype: torch.dtype, lo: int, hi: int, zp: float
+) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    c = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3 + 1).to(x_dtype)
+    x[..., 0] *= 40  # an outlier channel: the statistics see it, the codes saturate
+    w = torch.randn(c, generator=gen) * 20
+    b = torch.randn(c, generator=gen) * 5 + zp
+    got = native.layernorm_quant(x, w, b, 1e-6, lo, hi, dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    want = _ln_codes(x, w, b, 1e-6, lo, hi)
+    diff = (got.int() - want.int()).abs()
+    # float32 statistics summed in another order: one step at most, only at rounding midpoints
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    assert got.min() >= lo and got.max() <= hi
+
+
+@needs_native
+def test_layernorm_quant_reads_strided_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 96, generator=gen)[:, ::2]  # rows of contiguous elements, row gaps
+    w, b = torch.randn(96, generator=gen) * 10, torch.full((96,), 128.0)
+    got = native.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.uint8)
+    assert torch.equal(got.int(), _ln_codes(x, w, b, 1e-5, 0, 255).int())
+    with pytest.raises(ConfigError, match="code range"):
+        native.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.int8)
+    with pytest.raises(ConfigError, match="weight/bias"):
+        native.layernorm_quant(x, w[:5], b, 1e-5, 0, 255, torch.uint8)
+    with pytest.raises(ConfigError, match="float32"):
+        native.layernorm_quant(x.double(), w, b, 1e-5, 0, 255, torch.uint8)
+
+
+@needs_native
+def test_lowered_blocks_normalise_with_the_native_kernel(monkeypatch) -> None:  # noqa: ANN001
+    """Eager, each fused block's LayerNorm-and-quantize is the native pass; its codes are those
+    of ATen's LayerNorm then ``quantize_per_tensor`` (the path under ``torch.compile``)."""
+    from vitquant.runtime.fused import LayerNormQuant
+    from vitquant.runtime.kernels import quantize_fast
+
+    m = lower(_calibrated(), warn=False)
+    lns = [x for x in m.modules() if isinstance(x, LayerNormQuant)]
+    assert lns
+    calls = []
+    kernel = native.layernorm_quant
+    monkeypatch.setattr(native, "layernorm_quant", lambda *a: calls.append(1) or kernel(*a))
+    x = torch.randn(8, 17, lns[0].shape[0]) * 4
+    with torch.no_grad():
+        m(torch.randn(2, 1, 28, 28))
+    assert len(calls) == len(lns)  # every fused LayerNorm of the forward ran natively
+    for ln in lns:
+        got = ln(x)
+        y = torch.nn.functional.layer_norm(x, ln.shape, ln.weight, ln.bias, ln.eps)
+        want = quantize_fast(y, ln.act, ln.dtype, prescaled=True)
+        assert got.dtype == want.dtype
+        assert (got.int() - want.int()).abs().max() <= 1
 
 
 def test_bad_operands_are_refused() -> None:

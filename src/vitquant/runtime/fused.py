@@ -462,7 +462,9 @@ class Int8Block(nn.Module):
 class LayerNormQuant(nn.Module):
     """``LayerNorm`` followed by quantization, with ``1 / scale`` and the zero point folded into
     the LayerNorm's affine parameters (one float pass fewer than normalise-then-quantize); a
-    smoothed next layer's ``1 / (s * scale)`` is folded the same way."""
+    smoothed next layer's ``1 / (s * scale)`` is folded the same way. Eager on a CPU with the
+    native kernels it is one pass (:func:`~vitquant.runtime.native.layernorm_quant`); while
+    ``torch.compile`` traces, Inductor fuses the LayerNorm and the rounding into one loop."""
 
     def __init__(self, norm: nn.LayerNorm, lin: Int8Linear) -> None:
         super().__init__()
@@ -473,8 +475,11 @@ class LayerNormQuant(nn.Module):
         self.shape, self.eps, self.act, self.dtype = tuple(c), float(norm.eps), a, lin.dtype
         self.fast = lin.backend != "reference"
         div: float | Tensor = a.scale if lin.in_div is None else lin.in_div.to(w.device)
-        self.register_buffer("weight", w / div)
-        self.register_buffer("bias", bias / div + a.zero_point + a.offset(lin.dtype))
+        self.register_buffer("weight", (w / div).contiguous())
+        self.register_buffer("bias", (bias / div + a.zero_point + a.offset(lin.dtype)).contiguous())
+        off = a.offset(lin.dtype)
+        #: the codes' range in storage (the native kernel's saturation)
+        self.lo, self.hi = a.qmin + off, a.qmax + off
 
     @staticmethod
     def supported(norm: nn.Module) -> bool:
@@ -484,6 +489,15 @@ class LayerNormQuant(nn.Module):
         return not _is_active(getattr(norm, "input_quantizer", None))
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.fast
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and native.available()
+        ):  # one native pass, no float tensor written (float32 or bfloat16 in)
+            return native.layernorm_quant(
+                x, self.weight, self.bias, self.eps, self.lo, self.hi, self.dtype
+            )
         # a bfloat16 residual stream is normalised in float32 (Inductor fuses the cast)
         y = F.layer_norm(x.float(), self.shape, self.weight, self.bias, self.eps)
         if self.fast:  # rounding and saturation only: one pass
