@@ -224,7 +224,8 @@ def quantize_fast(
         a: the quantizer.
         dtype: ``torch.uint8`` or ``torch.int8`` storage.
         prescaled: ``x`` already is ``x / scale + zero_point + storage offset`` (only rounding
-            and saturation are left, e.g. after :class:`~vitquant.runtime.fused.LayerNormQuant`).
+            and saturation are left, e.g. after
+            :class:`~vitquant.runtime.layernorm.LayerNormQuant`).
     """
     off = a.offset(dtype)
     scale, zp = (1.0, 0) if prescaled else (a.scale, a.zero_point + off)

@@ -323,7 +323,7 @@ def layernorm_quant(
 
     The LayerNorm over the last dimension (no affine of its own: ``weight`` and ``bias`` are
     its affine parameters with the quantizer's ``1 / scale`` and zero point folded in, as in
-    :class:`~vitquant.runtime.fused.LayerNormQuant`), rounding half to even and saturation, one
+    :class:`~vitquant.runtime.layernorm.LayerNormQuant`), rounding half to even and saturation, one
     read of each row for the statistics and one for the codes: no float tensor is written.
 
     Args:
