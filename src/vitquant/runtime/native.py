@@ -323,8 +323,9 @@ def layernorm_quant(
 
     The LayerNorm over the last dimension (no affine of its own: ``weight`` and ``bias`` are
     its affine parameters with the quantizer's ``1 / scale`` and zero point folded in, as in
-    :class:`~vitquant.runtime.layernorm.LayerNormQuant`), rounding half to even and saturation, one
-    read of each row for the statistics and one for the codes: no float tensor is written.
+    :class:`~vitquant.runtime.layernorm.LayerNormQuant`), rounding half to even and saturation:
+    each row is swept three times while it sits in L1 (mean, variance, codes) and no float
+    tensor is written.
 
     Args:
         x: float32 or bfloat16 ``[..., C]`` (rows of C contiguous elements).
