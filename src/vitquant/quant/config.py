@@ -68,6 +68,12 @@ class QuantConfig:
             attention operands (q, k, v, probabilities) one scale per head and Linear inputs/outputs
             inside attention one scale per head's channel block; other points stay per tensor.
         act_symmetric: symmetric activations; None: the preset's (asymmetric in repq).
+        act_dynamic: per-token dynamic scales on every Linear input (``linear_input`` points:
+            :class:`~vitquant.quant.quantizers.dynamic.DynamicQuantizer`, one grid per token
+            computed from the input, as LLM.int8 / ZeroQuant / SmoothQuant-O3); the other points
+            keep calibrated per-tensor scales. Lowers to integer GEMMs
+            (:class:`~vitquant.runtime.dynamic.DynamicInt8Linear`). For single layers, use
+            ``overrides={"blocks.*.mlp.fc2.input_quantizer": {"quantizer": "dynamic"}}``.
         narrow: narrow signed range (``[-127, 127]`` at 8 bits).
         softmax_quantizer: quantizer of the softmax output: ``"uniform" | "log2" | "log2_sqrt2"``;
             None: the preset's.
@@ -105,6 +111,7 @@ class QuantConfig:
     weight_granularity: str | None = None
     act_granularity: str = "tensor"
     act_symmetric: bool | None = None
+    act_dynamic: bool = False
     narrow: bool = False
     softmax_quantizer: str | None = None
     softmax_bits: int | None = None
@@ -147,6 +154,8 @@ class QuantConfig:
             )
             if self.weight_granularity == "head":
                 raise ConfigError("weight_granularity='head' is not supported; use channel")
+        if not isinstance(self.act_dynamic, bool):
+            raise ConfigError(f"act_dynamic={self.act_dynamic!r} must be true or false")
         self.act_granularity = _check_granularity(self.act_granularity, "act_granularity")
         if self.act_granularity.startswith("group:"):
             raise ConfigError("act_granularity='group:...' is not supported; use channel or head")
@@ -280,6 +289,8 @@ class QuantConfig:
                 narrow=self.narrow,
                 granularity=self.act_granularity,
             )
+            if kind == "linear_input" and self.act_dynamic:
+                opts["quantizer"], opts["granularity"] = "dynamic", "tensor"
             if kind == "softmax_output":
                 opts["quantizer"] = self.effective_softmax_quantizer
                 opts["bits"] = self.softmax_bits or self.abits

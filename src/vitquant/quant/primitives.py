@@ -42,6 +42,7 @@ __all__ = [
     "minmax_dequantize",
     "lsq_grad_factor",
     "mse_search_rows",
+    "token_qparams",
 ]
 
 MIN_BITS = 2
@@ -303,3 +304,29 @@ def mse_search_rows(
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
     return best_s, best_z
+
+
+def token_qparams(
+    x: Tensor,
+    bits: int,
+    signed: bool = True,
+    symmetric: bool = True,
+    narrow: bool = False,
+    clip: float | Tensor = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-token (dynamic) ``(scale, zero_point)`` of ``x``: one grid per index of every
+    dimension but the last, shaped ``[..., 1]`` to broadcast against ``x``.
+
+    Symmetric: ``scale = clip * max|row| / qmax`` (zero point 0), as
+    :func:`scale_from_amax`; asymmetric: the unsigned grid over ``clip * [min(row, 0),
+    max(row, 0)]``, as :func:`qparams_from_minmax`. Computed from ``x.detach()`` (the scale
+    carries no gradient), in float32. An all-zero row gets the smallest scale (codes 0).
+    """
+    x = x.detach().float()
+    if symmetric:
+        amax = x.abs().amax(dim=-1, keepdim=True) * clip
+        s = scale_from_amax(amax, bits, signed, narrow)
+        return s, torch.zeros_like(s)
+    lo = x.amin(dim=-1, keepdim=True) * clip
+    hi = x.amax(dim=-1, keepdim=True) * clip
+    return qparams_from_minmax(lo, hi, bits)

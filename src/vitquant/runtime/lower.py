@@ -32,6 +32,7 @@ from torch import nn
 from vitquant.errors import ConfigError
 from vitquant.runtime import native
 from vitquant.runtime.block_views import torchvision_block_view
+from vitquant.runtime.dynamic import DynamicInt8Linear
 from vitquant.runtime.fused import Int8Block
 from vitquant.runtime.isa import cpu_isa
 from vitquant.runtime.kernels import check_backend, onednn_available
@@ -60,17 +61,19 @@ def is_lowered(model: nn.Module) -> bool:
 
 def lowering_report(model: nn.Module) -> dict[str, Any]:
     """What :func:`lower` did: ``{"backend", "isa", "attention", "attention_note",
-    "float_dtype", "blocks", "linears", "matmuls", "smoothed", "kept"}``.
+    "float_dtype", "blocks", "linears", "matmuls", "dynamic", "smoothed", "kept"}``.
 
     ``isa`` is :meth:`~vitquant.runtime.isa.CpuIsa.as_dict` (level taken, level detected, flags;
     None on CUDA); ``attention`` the method of the q·kᵀ / attn·v products (``"vnni"``: the
     native AVX512-VNNI kernel, ``"loop"``: int8 GEMM per head, ``"batched"``: one exact float
     GEMM for all heads, ``"batched-bf16"``: the same in bfloat16, ``"reference"``);
     ``attention_note`` why the ISA's choice was not taken ("" when it was);
-    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules; ``smoothed`` the
-    integer linears (inside blocks too) whose input quantization carries SmoothQuant factors;
-    ``kept`` maps the name of each quantized module
-    left in fake-quant float to the reason.
+    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules, ``dynamic`` those
+    linears with per-token dynamic input scales
+    (:class:`~vitquant.runtime.dynamic.DynamicInt8Linear`; their blocks are not fused);
+    ``smoothed`` the integer linears (inside blocks too) whose input quantization carries
+    SmoothQuant factors; ``kept`` maps the name of each quantized module left in fake-quant
+    float to the reason.
     """
     if not is_lowered(model):
         raise ConfigError("the model has not been lowered: call vitquant.runtime.lower(model)")
@@ -180,6 +183,7 @@ def lower(
         "blocks": [],
         "linears": [],
         "matmuls": [],
+        "dynamic": [],
     }
     opts: dict[str, Any] = {"attention": attention, "bf16_matmul": bf16_mm}
     kept: dict[str, str] = {}
@@ -201,17 +205,21 @@ def lower(
         from vitquant.quant.modules import QuantMatMul
 
         for name, m in list(model.named_modules()):
-            if not name or isinstance(m, (Int8Block, Int8Linear, Int8MatMul)):
+            if not name or isinstance(m, (Int8Block, Int8Linear, DynamicInt8Linear, Int8MatMul)):
                 continue
             if _inside_lowered(name, report):
                 continue
             if isinstance(m, nn.Linear) and _has_quantizer(m):
-                lin, why = Int8Linear.from_quant(m, backend)
+                dyn = getattr(getattr(m, "input_quantizer", None), "kind", "") == "dynamic"
+                make = DynamicInt8Linear.from_quant if dyn else Int8Linear.from_quant
+                lin, why = make(m, backend)
                 if lin is None:
                     kept[name] = why
                 else:
                     _set(model, name, lin)
                     report["linears"].append(name)
+                    if dyn:
+                        report["dynamic"].append(name)
             elif isinstance(m, QuantMatMul):
                 mm, why = Int8MatMul.from_quant(m, backend, method=attention, bf16=bf16_mm)
                 if mm is None:
@@ -222,7 +230,10 @@ def lower(
             elif isinstance(m, nn.Conv2d) and _has_quantizer(m):
                 kept[name] = "convolution (kept in fake-quant float)"
     report["smoothed"] = [
-        n for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.in_div is not None
+        n
+        for n, m in model.named_modules()
+        if (isinstance(m, Int8Linear) and m.in_div is not None)
+        or (isinstance(m, DynamicInt8Linear) and m.smooth is not None)
     ]
     report["kept"] = kept
     object.__setattr__(model, _REPORT_ATTR, report)

@@ -303,7 +303,7 @@ def _targets(model: nn.Module, kinds: Sequence[str]) -> list[ChannelPair]:
     out = []
     for p in channel_pairs(model, kinds):
         q = getattr(p.consumer, p.input_slot, None)
-        if not isinstance(q, Quantizer) or q.kind != "uniform":
+        if not isinstance(q, Quantizer) or q.kind not in ("uniform", "dynamic"):
             continue  # an unquantized (or log2) input has nothing to gain
         if p.kind == "ln" and getattr(p.producer, "weight", None) is None:
             warnings.warn(

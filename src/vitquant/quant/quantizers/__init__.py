@@ -1,7 +1,8 @@
 """Quantizers: the :class:`~.base.Quantizer` interface and the calibrated uniform quantizer.
 
 * :mod:`.base`: :class:`QParams`, :class:`Quantizer`, the ``QUANTIZERS`` registry;
-* :mod:`.uniform`: calibrated fixed ranges (pytorch-quantization / TensorRT).
+* :mod:`.uniform`: calibrated fixed ranges (pytorch-quantization / TensorRT);
+* :mod:`.dynamic`: per-token scales computed from each input (LLM.int8 / ZeroQuant).
 
 Every other quantizer lives in its method's package and registers itself in ``QUANTIZERS`` with
 ``@QUANTIZERS.register(name)`` where it is defined; ``import vitquant`` imports every method
@@ -11,6 +12,7 @@ package, so all built-in names exist for ``QuantConfig`` and ``prepare``:
 name                            class
 ==============================  ================================================================
 ``uniform``                     :class:`UniformQuantizer` (here)
+``dynamic``                     :class:`DynamicQuantizer` (here)
 ``log2``, ``log2_sqrt2``        ``Log2Quantizer``, ``Log2Sqrt2Quantizer`` (``methods/repq``)
 ``lsq``, ``lsq+``               ``LSQQuantizer``, ``LSQPlusQuantizer`` (``methods/lsq``)
 ``qvit``                        ``QViTQuantizer`` (``methods/qvit``)
@@ -34,6 +36,7 @@ from vitquant.quant.quantizers.base import (
     gran_to_dict,
     quantizer_name,
 )
+from vitquant.quant.quantizers.dynamic import DynamicQuantizer
 from vitquant.quant.quantizers.uniform import UniformQuantizer
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "QParams",
     "Quantizer",
     "UniformQuantizer",
+    "DynamicQuantizer",
     "gran_from_dict",
     "gran_to_dict",
     "gran_str",

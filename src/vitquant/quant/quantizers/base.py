@@ -61,6 +61,10 @@ class QParams:
     * ``kind="log2"``: ``x_hat = scale * 2^(-x_q)`` for ``x_q < qmax`` and ``0`` for
       ``x_q == qmax`` (the top code stands for zero); unsigned, ``zero_point`` is 0.
     * ``kind="log2_sqrt2"``: as ``log2`` with base ``sqrt(2)``: ``x_hat = scale * 2^(-x_q / 2)``.
+    * ``kind="dynamic"``: uniform codes on a grid computed per token (each index of every
+      dimension but the last) from the input itself,
+      :func:`~vitquant.quant.primitives.token_qparams`; ``scale`` holds the clip ratio ``[]``
+      (:class:`~vitquant.quant.quantizers.dynamic.DynamicQuantizer`).
 
     Shapes: ``scale`` is ``[]`` per tensor; ``[C]`` per channel along ``axis``; per head it is
     ``[H]`` with ``group_size = C / H`` (consecutive channels along ``axis`` share a scale, over all

@@ -1,0 +1,157 @@
+"""Integer Linear with per-token dynamic input scales: :class:`DynamicInt8Linear`.
+
+It replaces a ``QuantLinear`` whose input quantizer is a
+:class:`~vitquant.quant.quantizers.dynamic.DynamicQuantizer` (``QuantConfig(act_dynamic=True)``).
+Each row ``m`` of the input gets its grid ``(s_m, z_m)`` from
+:func:`~vitquant.quant.primitives.token_qparams` (the fake quantizer's own function), its codes
+``x_q`` go through the same integer GEMM as :class:`~vitquant.runtime.modules.Int8Linear`, and
+the row scale is applied after it, since it factors out of the product:
+
+    y[m, n] = s_m * w_n * (sum_k x_q[m, k] c[n, k] - z_m * sum_k c[n, k]) + b[n]
+
+(``c`` the int8 weight codes, ``w_n`` their scale; ``z_m = 0`` on symmetric grids). The GEMM runs
+with input scale 1 on the codes, so oneDNN's per-tensor int8 kernel serves every row. A
+SmoothQuant factor on the input (``smooth_scale``) divides it before the row grids are taken, as
+in the fake-quant module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitquant.errors import ConfigError
+from vitquant.quant import primitives as P
+from vitquant.runtime.kernels import ActQ, PackedWeight, int8_linear
+from vitquant.runtime.modules import code_dtype, weight_codes
+
+__all__ = ["DynAct", "DynamicInt8Linear", "dyn_from_quantizer"]
+
+
+@dataclass(frozen=True)
+class DynAct:
+    """The format of a per-token dynamic quantizer (:class:`~vitquant.quant.QParams` with
+    ``kind="dynamic"``): bits, grid, symmetry and the clip ratio."""
+
+    bits: int
+    signed: bool
+    symmetric: bool
+    narrow: bool
+    clip: float
+    qmin: int
+    qmax: int
+
+    def grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` per row of ``x``, shaped ``[..., 1]``."""
+        return P.token_qparams(x, self.bits, self.signed, self.symmetric, self.narrow, self.clip)
+
+
+def dyn_from_quantizer(q: nn.Module | None) -> tuple[DynAct | None, str]:
+    """The :class:`DynAct` of an enabled, calibrated dynamic quantizer, or ``(None, reason)``."""
+    if q is None or not getattr(q, "enabled", False) or not getattr(q, "is_calibrated", False):
+        return None, "not quantized"
+    qp = q.qparams()  # type: ignore[operator]
+    if qp.kind != "dynamic":
+        return None, f"{qp.kind} quantizer"
+    if not (-128 <= qp.qmin and qp.qmax <= 127) and not (0 <= qp.qmin and qp.qmax <= 255):
+        return None, f"{qp.bits}-bit activations do not fit in 8 bits"
+    sym = bool(getattr(q, "symmetric", True))
+    narrow = bool(getattr(q, "narrow", False))
+    clip = float(qp.scale.reshape(()))
+    return DynAct(qp.bits, qp.signed, sym, narrow, clip, qp.qmin, qp.qmax), ""
+
+
+class DynamicInt8Linear(nn.Module):
+    """Linear layer on an int8 GEMM with one input scale (and zero point) per token.
+
+    Args:
+        codes: int8 weight codes ``[N, K]``.
+        w_scale: float ``[N]``.
+        bias: float ``[N]`` or None.
+        act: the input format.
+        backend: ``"onednn" | "intmm" | "reference"`` (exact float64 products).
+        smooth: per-input-channel smoothing factors ``[K]`` (the input is divided by them), or
+            None.
+    """
+
+    def __init__(
+        self,
+        codes: Tensor,
+        w_scale: Tensor,
+        bias: Tensor | None,
+        act: DynAct,
+        backend: str,
+        smooth: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(codes.shape[1])
+        self.out_features = int(codes.shape[0])
+        self.act, self.backend = act, backend
+        self.weight = PackedWeight(codes, w_scale, backend)
+        self.dtype = code_dtype(backend)
+        # the stored codes are x_q + offset (uint8 for oneDNN, int8 for _int_mm)
+        self.offset = ActQ(1.0, 0, act.qmin, act.qmax).offset(self.dtype)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if smooth is not None:
+            smooth = smooth.detach().float().reshape(-1).to(codes.device)
+            if smooth.numel() != self.in_features:
+                raise ConfigError(
+                    f"{smooth.numel()} smoothing factors for {self.in_features} input channels"
+                )
+        self.register_buffer("smooth", smooth)
+        # sum_k c[n, k] * w_n: the zero-point correction of asymmetric rows
+        self.register_buffer("wsum", self.weight.row_sum.float() * self.weight.scale)
+
+    @classmethod
+    def from_quant(cls, m: nn.Module, backend: str) -> tuple[DynamicInt8Linear | None, str]:
+        """The integer version of a ``QuantLinear`` with a dynamic input, or ``(None, reason)``."""
+        act, why = dyn_from_quantizer(getattr(m, "input_quantizer", None))
+        if act is None:
+            return None, f"input: {why}"
+        oq = getattr(m, "output_quantizer", None)
+        if oq is not None and oq.enabled:
+            return None, "after-GEMM quantizer with a per-token dynamic input"
+        codes, scale, why = weight_codes(getattr(m, "weight_quantizer", None), m.weight)
+        if codes is None:
+            return None, why
+        smooth = getattr(m, "_buffers", {}).get("smooth_scale")
+        if smooth is not None and smooth.numel() != m.weight.shape[1]:
+            return None, "smooth_scale does not match the input channels"
+        return cls(codes, scale, m.bias, act, backend, smooth), ""
+
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(stored codes [M, K], scale [M, 1], zero point [M, 1])`` of the rows of ``x``."""
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        s, z = self.act.grid(x2)
+        q = torch.round(x2 / s).add_(z).clamp_(self.act.qmin, self.act.qmax)
+        if self.offset:
+            q = q.add_(self.offset)
+        return q.to(self.dtype), s, z
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        xq, s, z = self.quantize_input(x)
+        if self.backend == "reference":
+            acc = (xq.double() - self.offset) @ self.weight.codes.double().t()
+            acc = acc - z.double() * self.weight.row_sum.double()
+            y = (acc * self.weight.scale.double() * s.double()).float()
+        else:
+            y = int8_linear(xq, 1.0, self.offset, self.weight)  # (x_q · cᵀ) * w_n, float32
+            if not self.act.symmetric:
+                y = y.sub_(z * self.wsum)
+            y = y.mul_(s)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(shape)
+
+    def extra_repr(self) -> str:
+        sym = "sym" if self.act.symmetric else "asym"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"backend={self.backend}, per-token {self.act.bits}-bit {sym}, clip={self.act.clip:g}, "
+            f"smoothed={self.smooth is not None}"
+        )

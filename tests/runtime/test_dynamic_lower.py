@@ -1,0 +1,105 @@
+"""Lowering per-token dynamic Linear inputs (``DynamicInt8Linear``): the integer layer against a
+float64 numpy re-derivation of its formula and against the fake-quant layer, on every backend,
+symmetric and asymmetric, with and without SmoothQuant factors; whole models lowered."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import vitquant
+from vitquant.quant import QuantConfig, calibrate, prepare
+from vitquant.runtime import lower, lowering_report, onednn_available
+from vitquant.runtime.dynamic import DynamicInt8Linear
+
+BACKENDS = ["reference", "intmm"] + (["onednn"] if onednn_available() else [])
+
+
+def _linear(symmetric: bool, bits: int = 8, smooth: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    """A calibrated fake-quant Linear with a dynamic input (in a one-layer model), and inputs
+    with tokens of very different magnitudes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 20))
+    cfg = QuantConfig("ft1", wbits=8, abits=bits, act_dynamic=True, act_symmetric=symmetric)
+    prepare(model, cfg)
+    lin = model[0]
+    if smooth:
+        s = torch.exp(torch.empty(48).uniform_(-1.0, 1.0))
+        with torch.no_grad():
+            lin.weight.mul_(s)
+        lin.smooth_scale = s
+    x = torch.randn(3, 17, 48) * torch.exp(2 * torch.randn(3, 17, 1)) + 0.3
+    calibrate(model, [x], method="max", progress=False)
+    return lin, x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_integer_layer_matches_fake_quant_and_its_formula(
+    backend: str, symmetric: bool, smooth: bool
+) -> None:
+    lin, x = _linear(symmetric, smooth=smooth)
+    low, why = DynamicInt8Linear.from_quant(lin, backend)
+    assert low is not None, why
+    with torch.no_grad():
+        y_fq, y = lin(x), low(x)
+    assert y.shape == y_fq.shape == (3, 17, 20)
+    rel = float((y - y_fq).norm() / y_fq.norm())
+    assert rel < 1e-4, rel
+    # the documented formula in float64 numpy: y = s_m w_n (x_q c^T - z_m sum_k c) + b
+    xq, s, z = low.quantize_input(x)
+    xq = xq.numpy().astype(np.float64) - low.offset
+    c = low.weight.codes.numpy().astype(np.float64)
+    ref = (
+        s.double().numpy()
+        * low.weight.scale.double().numpy()
+        * (xq @ c.T - z.double().numpy() * c.sum(1))
+        + lin.bias.detach().double().numpy()
+    )
+    assert np.abs(y.reshape(-1, 20).double().numpy() - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_four_bit_rows_and_refusals() -> None:
+    lin, x = _linear(False, bits=4)
+    low, _ = DynamicInt8Linear.from_quant(lin, "reference")
+    assert low is not None
+    with torch.no_grad():
+        assert float((low(x) - lin(x)).norm() / lin(x).norm()) < 1e-5
+    wide, _ = _linear(True, bits=10)
+    none, why = DynamicInt8Linear.from_quant(wide, "reference")
+    assert none is None and "8 bits" in why
+    plain = nn.Linear(4, 4)
+    assert DynamicInt8Linear.from_quant(plain, "reference") == (None, "input: not quantized")
+
+
+@pytest.mark.parametrize("preset", ["robust", "ft1"])
+def test_lowered_model_agrees_with_its_fake_quant_model(preset: str) -> None:
+    torch.manual_seed(0)
+    m = vitquant.create_model("vit_micro_patch4_28", num_classes=10).eval()
+    prepare(m, QuantConfig(preset, wbits=8, abits=8, act_dynamic=True))
+    x = torch.randn(24, 1, 28, 28)
+    calibrate(m, [x[:12], x[12:]], progress=False)
+    low = lower(copy.deepcopy(m), warn=False)
+    rep = lowering_report(low)
+    linears = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "blocks" in n]
+    assert sorted(rep["dynamic"]) == sorted(linears) and not rep["kept"]
+    assert not rep["blocks"]  # blocks with dynamic inputs are lowered module by module
+    with torch.no_grad():
+        y_fq, y = m(x), low(x)
+    cos = float(torch.nn.functional.cosine_similarity(y.flatten(), y_fq.flatten(), 0))
+    assert cos > 0.9999
+    assert (y.argmax(1) == y_fq.argmax(1)).float().mean() >= 0.95
+
+
+def test_after_gemm_quantizer_keeps_the_layer_in_fake_quant() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    prepare(model, QuantConfig("ft2", act_dynamic=True))
+    calibrate(model, [torch.randn(4, 16)], progress=False)
+    low, why = DynamicInt8Linear.from_quant(model[0], "reference")
+    assert low is None and "after-GEMM" in why
