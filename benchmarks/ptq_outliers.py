@@ -74,6 +74,7 @@ def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
     FISHER05 = {"reconstruct": {"progress": False, "loss": "fisher", "fisher_mix": 0.5}}  # noqa: N806
     SEED1 = {"reconstruct": {"progress": False, "seed": 1}}  # noqa: N806
     FISHER_SEED1 = {"reconstruct": {**FISHER["reconstruct"], "seed": 1}}  # noqa: N806
+    ASYM = {"linear_input": {"symmetric": False}}  # noqa: N806
     return {
         "ft1-w8a8": ("FT mode 1, percentile 99.99", _ptq(QuantConfig("ft1", 8, 8))),
         "ft2-w8a8": ("FT mode 2, percentile 99.99", _ptq(QuantConfig("ft2", 8, 8))),
@@ -119,6 +120,15 @@ def recipes(val: list[tuple[Tensor, Tensor]]) -> dict[str, tuple[str, Recipe]]:
         "lowbit-dynamic-w3a3": ("lowbit preset at 3 bits, per-token dynamic Linear inputs",
                                 _ptq(QuantConfig("lowbit", 3, 3, act_dynamic=True,
                                                  pass_options=quiet))),
+        "dynamic-asym-w8a8": ("robust preset, per-token dynamic asymmetric Linear inputs",
+                              _ptq(QuantConfig(wbits=8, abits=8, act_dynamic=True,
+                                               overrides=ASYM))),
+        "lowbit-dynamic-asym-w4a4": ("lowbit, per-token dynamic asymmetric Linear inputs",
+                                     _ptq(QuantConfig("lowbit", 4, 4, act_dynamic=True,
+                                                      overrides=ASYM, pass_options=quiet))),
+        "lowbit-dynamic-asym-w3a3": ("lowbit at 3 bits, per-token dynamic asymmetric Linear inputs",
+                                     _ptq(QuantConfig("lowbit", 3, 3, act_dynamic=True,
+                                                      overrides=ASYM, pass_options=quiet))),
         "lowbit-w4a4-fb": ("lowbit W4A4 + fallback --max-drop 0.5 (8-bit layers)",
                            _fallback(4, 0.5, val)),
     }  # fmt: skip

@@ -155,3 +155,28 @@ def test_calibrate_cli_reconstruct_loss(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "vit_nano_patch4_28_calib.json").read_text())["config"]
     assert "reconstruct" in config["passes"]
     assert config["pass_options"]["reconstruct"]["loss"] == "fisher"
+
+
+def test_calibrate_cli_act_dynamic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        [
+            "calibrate",
+            "--model", "vit_nano_patch4_28",
+            "--data-path", "digits",
+            "--img-size", "28",
+            "--num-calib-batch", "1",
+            "--calib-batchsz", "4",
+            "--max-eval-batches", "1",
+            "--quant-mode", "ft1",
+            "--act-dynamic",
+            "--calib-output-path", str(tmp_path),
+            "--device", "cpu",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "vit_nano_patch4_28_calib.json").read_text())
+    assert result["config"]["act_dynamic"] is True
+    model = load_calibrated(tmp_path / "vit_nano_patch4_28_calib.pth")
+    rows = {r["name"]: r for r in quant_summary(model)}
+    assert "dynamic" in str(rows["blocks.0.mlp.fc2.input_quantizer"])

@@ -47,6 +47,12 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="RepQ-ViT LayerNorm reparameterisation (default: the mode's)",
     )
+    p.add_argument(
+        "--act-dynamic",
+        action="store_true",
+        help="per-token dynamic scales on every Linear input (LLM.int8 / ZeroQuant style; "
+        "lowers to integer GEMMs)",
+    )
     p.add_argument("--weight-granularity", default=None, help="tensor, channel or group:<n>")
     p.add_argument(
         "--passes",
@@ -219,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         softmax_quantizer=args.softmax_quantizer,
         ln_reparam=args.ln_reparam,
+        act_dynamic=args.act_dynamic,
         weight_granularity=args.weight_granularity,
         narrow=args.narrow_range,
     )
