@@ -38,6 +38,10 @@ RECIPES: dict[str, QuantConfig] = {
         wbits=8, abits=8, passes=["smooth", "output_mse"],
         pass_options={"smooth": {"alpha": "search"}},
     ),
+    "robust, per-token dynamic inputs": QuantConfig(wbits=8, abits=8, act_dynamic=True),
+    "robust, per-token dynamic fc2 input": QuantConfig(
+        wbits=8, abits=8, overrides={"*.fc2.input_quantizer": {"quantizer": "dynamic"}},
+    ),
 }  # fmt: skip
 
 

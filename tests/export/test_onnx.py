@@ -345,3 +345,9 @@ def test_onnx_quantize_linear_rounds_as_vitquant(tmp_path) -> None:
     got = onnx_session(path).run(None, {"x": x.numpy()})[0].astype(np.int32)
     want = quantize(x, torch.tensor(scale), int(zp), -128, 127).int().numpy()
     assert (got == want).all()
+
+
+def test_per_token_dynamic_inputs_are_named_as_not_qdq(data, tmp_path) -> None:
+    dyn = _quantized(data, preset="ft1", act_dynamic=True)
+    with pytest.raises(ConfigError, match="per-token dynamic scales"):
+        to_onnx(dyn, tmp_path / "dyn.onnx", data[0][:1])

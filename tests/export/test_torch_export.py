@@ -144,3 +144,30 @@ def test_lsq_model_exports_with_a_dynamic_batch() -> None:
     y = model(x)
     with torch.no_grad():
         torch.testing.assert_close(y.detach(), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lowered", [False, True])
+def test_per_token_dynamic_model_exports(lowered: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = random_nano_vit()
+    x = torch.randn(8, 1, 28, 28)
+    prepare(model, QuantConfig(wbits=8, abits=8, act_dynamic=True))
+    calibrate(model, [x], progress=False)
+    if lowered:
+        model = _lowered(model, "onednn" if _onednn() else "intmm")
+    program = export_program(model, x[:2])
+    y = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(y)
+        got = program.module()(y)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    if not lowered:  # the fake-quant program is plain ATen and saves
+        loaded = load_program(save_program(program, tmp_path / "dyn.pt2"))
+        with torch.no_grad():
+            assert torch.allclose(loaded.module()(y), ref, rtol=1e-4, atol=1e-4)
+
+
+def _onednn() -> bool:
+    from vitquant.runtime.kernels import onednn_available
+
+    return onednn_available()

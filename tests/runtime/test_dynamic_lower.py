@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 import vitquant
+from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, calibrate, prepare
-from vitquant.runtime import lower, lowering_report, onednn_available
-from vitquant.runtime.dynamic import DynamicInt8Linear
+from vitquant.quant import primitives as P
+from vitquant.runtime import lower, lowering_report, native, onednn_available
+from vitquant.runtime.dynamic import DynAct, DynamicInt8Linear
 
 BACKENDS = ["reference", "intmm"] + (["onednn"] if onednn_available() else [])
 
@@ -52,7 +54,7 @@ def test_integer_layer_matches_fake_quant_and_its_formula(
     rel = float((y - y_fq).norm() / y_fq.norm())
     assert rel < 1e-4, rel
     # the documented formula in float64 numpy: y = s_m w_n (x_q c^T - z_m sum_k c) + b
-    xq, s, z = low.quantize_input(x)
+    xq, s, z, _ = low.quantize_input(x)
     xq = xq.numpy().astype(np.float64) - low.offset
     c = low.weight.codes.numpy().astype(np.float64)
     ref = (
@@ -77,23 +79,48 @@ def test_four_bit_rows_and_refusals() -> None:
     assert DynamicInt8Linear.from_quant(plain, "reference") == (None, "input: not quantized")
 
 
-@pytest.mark.parametrize("preset", ["robust", "ft1"])
-def test_lowered_model_agrees_with_its_fake_quant_model(preset: str) -> None:
+ONLY_FC2 = {
+    "linear_input": {"quantizer": "uniform"},
+    "*.fc2.input_quantizer": {"quantizer": "dynamic"},
+}
+
+
+@pytest.mark.parametrize(
+    ("preset", "backend", "dtype", "overrides"),
+    [
+        ("robust", None, torch.float32, {}),
+        ("ft1", None, torch.float32, {}),
+        ("ft1", "reference", torch.float32, {}),
+        ("robust", None, torch.bfloat16, {}),
+        ("ft1", None, torch.float32, ONLY_FC2),
+        ("ft1", "reference", torch.float32, ONLY_FC2),
+    ],
+)
+def test_lowered_model_agrees_with_its_fake_quant_model(
+    preset: str, backend: str | None, dtype: torch.dtype, overrides: dict
+) -> None:
     torch.manual_seed(0)
     m = vitquant.create_model("vit_micro_patch4_28", num_classes=10).eval()
-    prepare(m, QuantConfig(preset, wbits=8, abits=8, act_dynamic=True))
+    prepare(m, QuantConfig(preset, wbits=8, abits=8, act_dynamic=True, overrides=overrides))
     x = torch.randn(24, 1, 28, 28)
     calibrate(m, [x[:12], x[12:]], progress=False)
-    low = lower(copy.deepcopy(m), warn=False)
+    low = lower(copy.deepcopy(m), backend, warn=False, float_dtype=dtype)
     rep = lowering_report(low)
     linears = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "blocks" in n]
+    if overrides:
+        linears = [n for n in linears if n.endswith("fc2")]
     assert sorted(rep["dynamic"]) == sorted(linears) and not rep["kept"]
-    assert not rep["blocks"]  # blocks with dynamic inputs are lowered module by module
+    assert len(rep["blocks"]) == len(m.blocks)  # the blocks stay fused
     with torch.no_grad():
         y_fq, y = m(x), low(x)
     cos = float(torch.nn.functional.cosine_similarity(y.flatten(), y_fq.flatten(), 0))
-    assert cos > 0.9999
+    assert cos > (0.999 if dtype == torch.bfloat16 else 0.9999)
     assert (y.argmax(1) == y_fq.argmax(1)).float().mean() >= 0.95
+    unfused = lower(copy.deepcopy(m), backend, fuse=False, warn=False)
+    assert not lowering_report(unfused)["blocks"]
+    with torch.no_grad():
+        y_u = unfused(x)
+    assert float(torch.nn.functional.cosine_similarity(y_u.flatten(), y_fq.flatten(), 0)) > 0.9999
 
 
 def test_after_gemm_quantizer_keeps_the_layer_in_fake_quant() -> None:
@@ -103,3 +130,38 @@ def test_after_gemm_quantizer_keeps_the_layer_in_fake_quant() -> None:
     calibrate(model, [torch.randn(4, 16)], progress=False)
     low, why = DynamicInt8Linear.from_quant(model[0], "reference")
     assert low is None and "after-GEMM" in why
+
+
+@pytest.mark.skipif(not native.available(), reason=native.why_unavailable() or "native")
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(
+    ("bits", "narrow", "clip"), [(8, False, 1.0), (8, True, 0.9), (4, False, 0.8)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_row_quant_is_bit_exact_with_the_torch_ops(
+    symmetric: bool, bits: int, narrow: bool, clip: float, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 2 * 37, generator=g) * torch.exp(2 * torch.randn(50, 1, generator=g))
+    x[7] = 0.0  # an all-zero row
+    x[9] = x[9].abs()  # a row without negative values
+    x = x.to(dtype)[:, ::2]  # strided rows of 37 (a tail of 5 after two vectors)
+    signed = symmetric
+    qmin, qmax = P.qrange(bits, signed, narrow)
+    act = DynAct(bits, signed, symmetric, narrow, clip, qmin, qmax)
+    s_ref, z_ref = act.grid(x.float())
+    q_ref = torch.clamp(torch.round(x.float() / s_ref) + z_ref, qmin, qmax)
+    off = 128 if signed else 0
+    qdiv = qmax if symmetric else 2**bits - 1
+    codes, s, z = native.row_quant(x, qmin, qmax, off, symmetric, qdiv, clip, torch.uint8)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    assert torch.equal(codes.int() - off, q_ref.int())
+
+
+def test_native_row_quant_refuses_bad_operands() -> None:
+    if not native.available():
+        pytest.skip(native.why_unavailable())
+    with pytest.raises(ConfigError, match="do not fit"):
+        native.row_quant(torch.randn(2, 4), -128, 127, 0, True, 127, 1.0, torch.uint8)
+    with pytest.raises(ConfigError, match="float32"):
+        native.row_quant(torch.randn(2, 4).double(), 0, 255, 0, False, 255, 1.0, torch.uint8)

@@ -118,6 +118,9 @@ def _storage(qmin: int, qmax: int) -> tuple[torch.dtype, int, int] | None:
 
 def _plan(q: Quantizer, name: str, role: str, opset: int) -> QDQPoint:
     point = q.point or ("weight" if role == "weight" else "")
+    if q.kind == "dynamic":
+        why = "per-token dynamic scales (QuantizeLinear takes fixed ones)"
+        return QDQPoint(name, point, role, "float", reason=why)
     if q.kind != "uniform":
         return QDQPoint(name, point, role, "float", reason=f"{q.kind} quantizer (not affine)")
     qp = q.qparams()

@@ -18,16 +18,19 @@ in the fake-quant module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
+from vitquant.runtime import native
 from vitquant.runtime.kernels import ActQ, PackedWeight, int8_linear
-from vitquant.runtime.modules import code_dtype, weight_codes
+from vitquant.runtime.modules import Int8Linear, code_dtype, weight_codes
 
-__all__ = ["DynAct", "DynamicInt8Linear", "dyn_from_quantizer"]
+__all__ = ["DynAct", "DynCodes", "DynamicInt8Linear", "dyn_from_quantizer", "linear_from_quant"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,26 @@ def dyn_from_quantizer(q: nn.Module | None) -> tuple[DynAct | None, str]:
     return DynAct(qp.bits, qp.signed, sym, narrow, clip, qp.qmin, qp.qmax), ""
 
 
+class DynCodes(NamedTuple):
+    """A quantized input of :class:`DynamicInt8Linear`: stored codes ``[M, K]``, their row
+    scales and zero points ``[M, 1]``, and the input's leading shape."""
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    lead: tuple[int, ...]
+
+
+def linear_from_quant(
+    m: nn.Module, backend: str
+) -> tuple[Int8Linear | DynamicInt8Linear | None, str]:
+    """The integer Linear for a ``QuantLinear``: :class:`DynamicInt8Linear` when its input
+    quantizer is dynamic, else :class:`~vitquant.runtime.modules.Int8Linear`."""
+    if getattr(getattr(m, "input_quantizer", None), "kind", "") == "dynamic":
+        return DynamicInt8Linear.from_quant(m, backend)
+    return Int8Linear.from_quant(m, backend)
+
+
 class DynamicInt8Linear(nn.Module):
     """Linear layer on an int8 GEMM with one input scale (and zero point) per token.
 
@@ -74,7 +97,15 @@ class DynamicInt8Linear(nn.Module):
         backend: ``"onednn" | "intmm" | "reference"`` (exact float64 products).
         smooth: per-input-channel smoothing factors ``[K]`` (the input is divided by them), or
             None.
+
+    Inside a fused :class:`~vitquant.runtime.fused.Int8Block` it takes the place of an
+    ``Int8Linear`` (same ``quantize_input`` / ``forward_codes`` / ``float_from_codes``; its
+    codes are :class:`DynCodes`); the block then runs its float output through the next op, as
+    the row scale cannot go into oneDNN's one-scale epilogue.
     """
+
+    dynamic = True
+    out_q = None  # no after-GEMM quantizer (refused by from_quant)
 
     def __init__(
         self,
@@ -101,6 +132,8 @@ class DynamicInt8Linear(nn.Module):
                     f"{smooth.numel()} smoothing factors for {self.in_features} input channels"
                 )
         self.register_buffer("smooth", smooth)
+        #: quantize rows with the native kernel (eager, CPU), bit-exact with the torch ops
+        self.native = backend != "reference" and native.available()
         # sum_k c[n, k] * w_n: the zero-point correction of asymmetric rows
         self.register_buffer("wsum", self.weight.row_sum.float() * self.weight.scale)
 
@@ -121,32 +154,65 @@ class DynamicInt8Linear(nn.Module):
             return None, "smooth_scale does not match the input channels"
         return cls(codes, scale, m.bias, act, backend, smooth), ""
 
-    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(stored codes [M, K], scale [M, 1], zero point [M, 1])`` of the rows of ``x``."""
-        x2 = x.reshape(-1, self.in_features).float()
+    def quantize_input(self, x: Tensor) -> DynCodes:
+        """The codes of the rows of ``x`` (divided by the smoothing factors, if any)."""
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
         if self.smooth is not None:
-            x2 = x2 / self.smooth
+            x2 = x2.float() / self.smooth
+        if self.native and x2.device.type == "cpu" and not torch.compiler.is_compiling():
+            a = self.act
+            qdiv = P.qrange(a.bits, a.signed, a.narrow)[1] if a.symmetric else 2**a.bits - 1
+            codes, s, z = native.row_quant(
+                x2, a.qmin, a.qmax, self.offset, a.symmetric, qdiv, a.clip, self.dtype
+            )
+            return DynCodes(codes, s, z, lead)
+        x2 = x2.float()
         s, z = self.act.grid(x2)
         q = torch.round(x2 / s).add_(z).clamp_(self.act.qmin, self.act.qmax)
         if self.offset:
             q = q.add_(self.offset)
-        return q.to(self.dtype), s, z
+        return DynCodes(q.to(self.dtype), s, z, lead)
+
+    def forward_codes(
+        self,
+        c: DynCodes,
+        *,
+        bias: Tensor | None = None,
+        other: Tensor | None = None,
+        w_scale: Tensor | None = None,
+        post: str = "none",
+        gelu_approximate: str = "none",
+        out_dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """``post(s_m * w_n * (x_q c^T - z_m sum c) + bias) + other`` in ``out_dtype``;
+        ``w_scale`` replaces the weight scale (a folded LayerScale)."""
+        ws = self.weight.scale if w_scale is None else w_scale
+        if self.backend == "reference":
+            acc = (c.codes.double() - self.offset) @ self.weight.codes.double().t()
+            acc = acc - c.zero_point.double() * self.weight.row_sum.double()
+            y = (acc * ws.double() * c.scale.double()).float()
+        else:
+            y = int8_linear(c.codes, 1.0, self.offset, self.weight, w_scale=w_scale)
+            if not self.act.symmetric:
+                wsum = self.wsum if w_scale is None else self.weight.row_sum.float() * ws
+                y = y.sub_(c.zero_point * wsum)
+            y = y.mul_(c.scale)
+        if bias is not None:
+            y = y.add_(bias)
+        if post == "gelu":
+            y = F.gelu(y, approximate=gelu_approximate)
+        y = y.reshape(*c.lead, self.out_features)
+        if other is not None:
+            y = y + other
+        return y.to(out_dtype)
+
+    def float_from_codes(self, c: DynCodes) -> Tensor:
+        """Float output from quantized input (bias included)."""
+        return self.forward_codes(c, bias=self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (*x.shape[:-1], self.out_features)
-        xq, s, z = self.quantize_input(x)
-        if self.backend == "reference":
-            acc = (xq.double() - self.offset) @ self.weight.codes.double().t()
-            acc = acc - z.double() * self.weight.row_sum.double()
-            y = (acc * self.weight.scale.double() * s.double()).float()
-        else:
-            y = int8_linear(xq, 1.0, self.offset, self.weight)  # (x_q · cᵀ) * w_n, float32
-            if not self.act.symmetric:
-                y = y.sub_(z * self.wsum)
-            y = y.mul_(s)
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.reshape(shape)
+        return self.float_from_codes(self.quantize_input(x))
 
     def extra_repr(self) -> str:
         sym = "sym" if self.act.symmetric else "asym"

@@ -20,6 +20,12 @@ Inductor's x86 int8 path and FasterTransformer's int8 ViT kernels do:
   whose epilogue has one output scale, GELU stays in the epilogue and the requantization is
   one pass after it).
 
+A linear with per-token dynamic input scales (:class:`~vitquant.runtime.dynamic.
+DynamicInt8Linear`) keeps the block fused: its row scale cannot enter oneDNN's one-scale
+epilogue, so the op before it writes float (LayerNorm, ``attn·v``, GELU in ``fc1``'s
+epilogue) and it quantizes that in one row pass; after it, q/k/v are quantized from ``qkv``'s
+float output.
+
 Smoothing factors of ``qkv``/``fc1`` inputs are folded into the LayerNorm-and-quantize pass
 (:class:`LayerNormQuant`), those of ``proj`` into the quantization of the ``attn·v`` result.
 
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.runtime import native, ops
+from vitquant.runtime.dynamic import DynamicInt8Linear, linear_from_quant
 from vitquant.runtime.kernels import ActQ, quantize_act, quantize_fast
 from vitquant.runtime.layernorm import LayerNormQuant
 from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active, rescale
@@ -97,8 +104,8 @@ class Int8Attention(nn.Module):
     def __init__(
         self,
         attn: nn.Module,
-        qkv: Int8Linear,
-        proj: Int8Linear,
+        qkv: Int8Linear | DynamicInt8Linear,
+        proj: Int8Linear | DynamicInt8Linear,
         backend: str,
         proj_gamma: Tensor | None = None,
         *,
@@ -141,7 +148,7 @@ class Int8Attention(nn.Module):
         """Prepares the qkv epilogue that writes q/k/v int8 codes directly (ft1)."""
         self.qkv_codes: ActQ | None = None
         qk, av = self.qk, self.av
-        if self.qkv.out_q is not None or qk is None or av is None:
+        if self.qkv.dynamic or self.qkv.out_q is not None or qk is None or av is None:
             return
         sections = (qk.a, qk.b, av.b)
         if any(s.zero_point or s.offset(torch.int8) for s in sections):
@@ -185,7 +192,7 @@ class Int8Attention(nn.Module):
         write ``proj``'s input codes directly (the ``vnni`` method, zero points of zero, no
         SmoothQuant divisors on ``proj``'s input)."""
         av, p = self.av, self.proj
-        if av is None or av.method != "vnni" or self.backend == "reference":
+        if av is None or av.method != "vnni" or self.backend == "reference" or p.dynamic:
             return None
         if av.output_quantizer is not None or p.in_div is not None:
             return None
@@ -268,7 +275,7 @@ class Int8Attention(nn.Module):
             return self._proj(oq.reshape(b, n, c), residual)
         acc = av.product(pq, v8)
         pa = self.proj.act
-        if self.proj.in_div is not None:  # smoothed: per-channel divisors, [B, N, C]
+        if self.proj.dynamic or self.proj.in_div is not None:  # per-channel or per-token grids
             o = torch.mul(acc, av.a.scale * av.b.scale).float().transpose(1, 2)
             oq = self.proj.quantize_input(o.reshape(b, n, c))
             return self._proj(oq, residual)
@@ -310,8 +317,8 @@ class Int8Mlp(nn.Module):
     def __init__(
         self,
         mlp: nn.Module,
-        fc1: Int8Linear,
-        fc2: Int8Linear,
+        fc1: Int8Linear | DynamicInt8Linear,
+        fc2: Int8Linear | DynamicInt8Linear,
         fc2_gamma: Tensor | None = None,
         *,
         float_dtype: torch.dtype = torch.float32,
@@ -329,6 +336,9 @@ class Int8Mlp(nn.Module):
             and isinstance(self.norm, nn.Identity)
         )
         self.gelu_approx = str(approx)
+        #: fc1's epilogue writes fc2's input codes (fixed grids only; else GELU in the epilogue
+        #: and fc2 quantizes the float hidden activation)
+        self.requant = self.fuse_gelu and not fc1.dynamic and not fc2.dynamic
         self.fc2_scale: Tensor | None = None
         self.fc2_bias = fc2.bias
         if fc2_gamma is not None:
@@ -343,11 +353,16 @@ class Int8Mlp(nn.Module):
         fc1, fc2 = self.fc1, self.fc2
         if xq is None:
             xq = fc1.quantize_input(x)
-        if self.fuse_gelu:
+        if self.requant:
             hq = fc1.forward_codes(
                 xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx,
                 out=fc2.act, out_dtype=fc2.dtype, out_div=fc2.in_div,
             )  # fmt: skip
+        elif self.fuse_gelu:
+            hidden = fc1.forward_codes(
+                xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx
+            )
+            hq = fc2.quantize_input(hidden)
         else:
             hidden = fc1.float_from_codes(xq)
             hq = fc2.quantize_input(self.norm(self.act(hidden)))
@@ -390,12 +405,11 @@ class Int8Block(nn.Module):
         self.fuse_add1 = _plain_add(block.add1) and attn.proj.out_q is None
         self.fuse_add2 = _plain_add(block.add2) and mlp.fc2.out_q is None
         self.gamma1, self.gamma2 = _layer_scale(block.ls1), _layer_scale(block.ls2)
-        self.ln1 = (
-            LayerNormQuant(block.norm1, attn.qkv) if LayerNormQuant.supported(block.norm1) else None
-        )
-        self.ln2 = (
-            LayerNormQuant(block.norm2, mlp.fc1) if LayerNormQuant.supported(block.norm2) else None
-        )
+        self.ln1 = self.ln2 = None
+        if LayerNormQuant.supported(block.norm1) and not attn.qkv.dynamic:
+            self.ln1 = LayerNormQuant(block.norm1, attn.qkv)
+        if LayerNormQuant.supported(block.norm2) and not mlp.fc1.dynamic:
+            self.ln2 = LayerNormQuant(block.norm2, mlp.fc1)
 
     @classmethod
     def from_block(
@@ -422,7 +436,7 @@ class Int8Block(nn.Module):
         a, m = block.attn, block.mlp
         layers = {}
         for name, mod in (("qkv", a.qkv), ("proj", a.proj), ("fc1", m.fc1), ("fc2", m.fc2)):
-            lin, why = Int8Linear.from_quant(mod, backend)
+            lin, why = linear_from_quant(mod, backend)
             if lin is None:
                 return None, f"{name}: {why}"
             layers[name] = lin

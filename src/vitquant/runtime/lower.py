@@ -32,7 +32,7 @@ from torch import nn
 from vitquant.errors import ConfigError
 from vitquant.runtime import native
 from vitquant.runtime.block_views import torchvision_block_view
-from vitquant.runtime.dynamic import DynamicInt8Linear
+from vitquant.runtime.dynamic import DynamicInt8Linear, linear_from_quant
 from vitquant.runtime.fused import Int8Block
 from vitquant.runtime.isa import cpu_isa
 from vitquant.runtime.kernels import check_backend, onednn_available
@@ -68,9 +68,9 @@ def lowering_report(model: nn.Module) -> dict[str, Any]:
     native AVX512-VNNI kernel, ``"loop"``: int8 GEMM per head, ``"batched"``: one exact float
     GEMM for all heads, ``"batched-bf16"``: the same in bfloat16, ``"reference"``);
     ``attention_note`` why the ISA's choice was not taken ("" when it was);
-    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules, ``dynamic`` those
-    linears with per-token dynamic input scales
-    (:class:`~vitquant.runtime.dynamic.DynamicInt8Linear`; their blocks are not fused);
+    ``blocks``/``linears``/``matmuls`` list the names of the lowered modules, ``dynamic`` the
+    integer linears (inside blocks too) with per-token dynamic input scales
+    (:class:`~vitquant.runtime.dynamic.DynamicInt8Linear`);
     ``smoothed`` the integer linears (inside blocks too) whose input quantization carries
     SmoothQuant factors; ``kept`` maps the name of each quantized module left in fake-quant
     float to the reason.
@@ -183,7 +183,6 @@ def lower(
         "blocks": [],
         "linears": [],
         "matmuls": [],
-        "dynamic": [],
     }
     opts: dict[str, Any] = {"attention": attention, "bf16_matmul": bf16_mm}
     kept: dict[str, str] = {}
@@ -210,16 +209,12 @@ def lower(
             if _inside_lowered(name, report):
                 continue
             if isinstance(m, nn.Linear) and _has_quantizer(m):
-                dyn = getattr(getattr(m, "input_quantizer", None), "kind", "") == "dynamic"
-                make = DynamicInt8Linear.from_quant if dyn else Int8Linear.from_quant
-                lin, why = make(m, backend)
+                lin, why = linear_from_quant(m, backend)
                 if lin is None:
                     kept[name] = why
                 else:
                     _set(model, name, lin)
                     report["linears"].append(name)
-                    if dyn:
-                        report["dynamic"].append(name)
             elif isinstance(m, QuantMatMul):
                 mm, why = Int8MatMul.from_quant(m, backend, method=attention, bf16=bf16_mm)
                 if mm is None:
@@ -235,6 +230,7 @@ def lower(
         if (isinstance(m, Int8Linear) and m.in_div is not None)
         or (isinstance(m, DynamicInt8Linear) and m.smooth is not None)
     ]
+    report["dynamic"] = [n for n, m in model.named_modules() if isinstance(m, DynamicInt8Linear)]
     report["kept"] = kept
     object.__setattr__(model, _REPORT_ATTR, report)
     if warn and kept:

@@ -118,6 +118,8 @@ class Int8Linear(nn.Module):
             in one pass, or None without smoothing.
     """
 
+    dynamic = False  # fixed input scale (see vitquant.runtime.dynamic for per-token ones)
+
     def __init__(
         self,
         codes: Tensor,

@@ -476,3 +476,59 @@ void vq_layernorm_quant(const void *X, uint8_t *Y, int64_t rows, int64_t c, int6
         }
     }
 }
+
+/* Per-token (dynamic) quantization of rows: for each row r of X ([rows, c], row stride sx
+ * elements, float32 or bfloat16), its grid as vitquant.quant.primitives.token_qparams computes
+ * it in float32 (symmetric: s = max(clip * max|x|, 1e-12) / qdiv, z = 0; asymmetric: the
+ * unsigned grid [0, qdiv] over [min(clip * min x, 0), max(clip * max x, 0)]), in S[r] and Z[r], and
+ * the codes clamp(round(x / s) + z, qmin, qmax) + off as bytes in Y (row stride sy). Division and
+ * rounding half to even as torch's, so the codes equal the fake quantizer's. */
+void vq_row_quant(const void *X, uint8_t *Y, float *S, float *Z, int64_t rows, int64_t c,
+                  int64_t sx, int64_t sy, int x_bf16, int symmetric, int qmin, int qmax, int off,
+                  float qdiv, float clip)
+{
+    const size_t esize = x_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (rows * c >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const void *x = (const char *)X + (size_t)(r * sx) * esize;
+        uint8_t *y = Y + r * sy;
+        const __mmask16 all = 0xFFFF;
+        __m512 vmax = _mm512_set1_ps(-INFINITY), vmin = _mm512_set1_ps(INFINITY);
+        for (int64_t j = 0; j < c; j += 16) {
+            const __mmask16 m = j + 16 <= c ? all : tail_mask(c - j);
+            const __m512 v = load_row(x, j, m, x_bf16);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+            vmin = _mm512_mask_min_ps(vmin, m, vmin, v);
+        }
+        const float mx = _mm512_reduce_max_ps(vmax), mn = _mm512_reduce_min_ps(vmin);
+        float s, z;
+        if (symmetric) {
+            const float amax = fmaxf(mx, -mn) * clip;
+            s = fmaxf(amax, 1e-12f) / qdiv;
+            z = 0.0f;
+        } else {
+            const float lo = fminf(mn * clip, 0.0f), hi = fmaxf(mx * clip, 0.0f);
+            s = fmaxf((hi - lo) / qdiv, 1e-12f); /* qparams_from_minmax: the grid [0, qdiv] */
+            z = nearbyintf(0.0f - lo / s);
+            z = fminf(fmaxf(z, 0.0f), qdiv);
+        }
+        S[r] = s;
+        Z[r] = z;
+        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        const __m512i vlo = _mm512_set1_epi32(qmin), vhi = _mm512_set1_epi32(qmax);
+        const __m512i voff = _mm512_set1_epi32(off);
+        for (int64_t j = 0; j < c; j += 16) {
+            const __mmask16 m = j + 16 <= c ? all : tail_mask(c - j);
+            const __m512 q = _mm512_add_ps(
+                _mm512_roundscale_ps(_mm512_div_ps(load_row(x, j, m, x_bf16), vs),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                vz);
+            __m512i k = _mm512_cvtps_epi32(q);
+            k = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(k, vlo), vhi), voff);
+            if (m == all)
+                _mm_storeu_si128((__m128i *)(y + j), _mm512_cvtepi32_epi8(k));
+            else
+                _mm512_mask_cvtepi32_storeu_epi8(y + j, m, k);
+        }
+    }
+}
