@@ -314,11 +314,7 @@ class Quantizer(nn.Module):
         if self._calibrator is None:
             self.start_calibration()
         x = x.detach()
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(
-                f"NaN or inf in the input of quantizer {self.name or '<unnamed>'} during "
-                "calibration (check the data and the float model)"
-            )
+        self._check_finite(x)
         rows = _rows(x.float(), self.granularity)
         self._ref_shape = x.shape
         if gran_kind(self.granularity) == "head":
@@ -331,6 +327,14 @@ class Quantizer(nn.Module):
             mn, mx = rows.amin(1), rows.amax(1)
             self._min = mn if self._min is None else torch.minimum(self._min, mn)
             self._max = mx if self._max is None else torch.maximum(self._max, mx)
+
+    def _check_finite(self, x: Tensor) -> None:
+        """Raises :class:`NonFiniteError` naming the quantizer when ``x`` holds NaN or inf."""
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(
+                f"NaN or inf in the input of quantizer {self.name or '<unnamed>'} during "
+                "calibration (check the data and the float model)"
+            )
 
     @property
     def has_statistics(self) -> bool:

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
-from vitquant.quant.calibrators import NonFiniteError
 from vitquant.quant.granularity import PerTensor
 from vitquant.quant.quantizers.base import QUANTIZERS, gran_kind
 from vitquant.quant.quantizers.uniform import UniformQuantizer
@@ -109,11 +108,7 @@ class DynamicQuantizer(UniformQuantizer):
 
     def observe(self, x: Tensor) -> None:
         x = x.detach()
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(
-                f"NaN or inf in the input of quantizer {self.name or '<unnamed>'} during "
-                "calibration (check the data and the float model)"
-            )
+        self._check_finite(x)
         self._ref_shape = x.shape
         rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
         if self._kept >= _MAX_ROWS:
