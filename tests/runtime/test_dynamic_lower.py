@@ -152,7 +152,8 @@ def test_native_row_quant_is_bit_exact_with_the_torch_ops(
     s_ref, z_ref = act.grid(x.float())
     q_ref = torch.clamp(torch.round(x.float() / s_ref) + z_ref, qmin, qmax)
     off = 128 if signed else 0
-    qdiv = qmax if symmetric else 2**bits - 1
+    qdiv = qmax if symmetric else 2**bits - 1  # written out: the test checks DynAct.qdiv
+    assert act.qdiv == qdiv
     codes, s, z = native.row_quant(x, qmin, qmax, off, symmetric, qdiv, clip, torch.uint8)
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
     assert torch.equal(codes.int() - off, q_ref.int())

@@ -28,7 +28,7 @@ from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
 from vitquant.runtime import native
 from vitquant.runtime.kernels import ActQ, PackedWeight, int8_linear
-from vitquant.runtime.modules import Int8Linear, code_dtype, weight_codes
+from vitquant.runtime.modules import Int8Linear, code_dtype, fits_8bit, weight_codes
 
 __all__ = ["DynAct", "DynCodes", "DynamicInt8Linear", "dyn_from_quantizer", "linear_from_quant"]
 
@@ -46,6 +46,14 @@ class DynAct:
     qmin: int
     qmax: int
 
+    @property
+    def qdiv(self) -> int:
+        """The grid's divisor: a symmetric grid's ``qmax``; ``2^bits - 1`` for an asymmetric one
+        (:func:`~vitquant.quant.primitives.qparams_from_minmax`'s unsigned grid)."""
+        if self.symmetric:
+            return P.qrange(self.bits, self.signed, self.narrow)[1]
+        return 2**self.bits - 1
+
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)`` per row of ``x``, shaped ``[..., 1]``."""
         return P.token_qparams(x, self.bits, self.signed, self.symmetric, self.narrow, self.clip)
@@ -58,7 +66,7 @@ def dyn_from_quantizer(q: nn.Module | None) -> tuple[DynAct | None, str]:
     qp = q.qparams()  # type: ignore[operator]
     if qp.kind != "dynamic":
         return None, f"{qp.kind} quantizer"
-    if not (-128 <= qp.qmin and qp.qmax <= 127) and not (0 <= qp.qmin and qp.qmax <= 255):
+    if not fits_8bit(qp.qmin, qp.qmax):
         return None, f"{qp.bits}-bit activations do not fit in 8 bits"
     sym = bool(getattr(q, "symmetric", True))
     narrow = bool(getattr(q, "narrow", False))
@@ -162,9 +170,8 @@ class DynamicInt8Linear(nn.Module):
             x2 = x2.float() / self.smooth
         if self.native and x2.device.type == "cpu" and not torch.compiler.is_compiling():
             a = self.act
-            qdiv = P.qrange(a.bits, a.signed, a.narrow)[1] if a.symmetric else 2**a.bits - 1
             codes, s, z = native.row_quant(
-                x2, a.qmin, a.qmax, self.offset, a.symmetric, qdiv, a.clip, self.dtype
+                x2, a.qmin, a.qmax, self.offset, a.symmetric, a.qdiv, a.clip, self.dtype
             )
             return DynCodes(codes, s, z, lead)
         x2 = x2.float()

@@ -34,6 +34,7 @@ from vitquant.runtime.kernels import (
 
 __all__ = [
     "act_from_quantizer",
+    "fits_8bit",
     "weight_codes",
     "code_dtype",
     "rescale",
@@ -50,6 +51,11 @@ def _is_active(q: object) -> bool:
     )
 
 
+def fits_8bit(qmin: int, qmax: int) -> bool:
+    """True when the grid ``[qmin, qmax]`` is stored in int8 or uint8."""
+    return (-128 <= qmin and qmax <= 127) or (0 <= qmin and qmax <= 255)
+
+
 def act_from_quantizer(q: nn.Module | None) -> tuple[ActQ | None, str]:
     """The :class:`ActQ` of an activation quantizer, or ``(None, reason)``."""
     if not _is_active(q):
@@ -59,7 +65,7 @@ def act_from_quantizer(q: nn.Module | None) -> tuple[ActQ | None, str]:
         return None, f"{qp.kind} quantizer"
     if qp.axis is not None or qp.scale.numel() != 1:
         return None, "per-channel activation scales"
-    if not (-128 <= qp.qmin and qp.qmax <= 127) and not (0 <= qp.qmin and qp.qmax <= 255):
+    if not fits_8bit(qp.qmin, qp.qmax):
         return None, f"{qp.bits}-bit activations do not fit in 8 bits"
     zp = float(qp.zero_point.reshape(-1)[0])
     return ActQ(float(qp.scale.reshape(-1)[0]), int(round(zp)), int(qp.qmin), int(qp.qmax)), ""
