@@ -15,7 +15,7 @@ import vitquant
 from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, calibrate, prepare
 from vitquant.quant import primitives as P
-from vitquant.runtime import lower, lowering_report, native, onednn_available
+from vitquant.runtime import lower, lowering_report, native, onednn_available, rows
 from vitquant.runtime.dynamic import DynAct, DynamicInt8Linear
 
 BACKENDS = ["reference", "intmm"] + (["onednn"] if onednn_available() else [])
@@ -154,7 +154,7 @@ def test_native_row_quant_is_bit_exact_with_the_torch_ops(
     off = 128 if signed else 0
     qdiv = qmax if symmetric else 2**bits - 1  # written out: the test checks DynAct.qdiv
     assert act.qdiv == qdiv
-    codes, s, z = native.row_quant(x, qmin, qmax, off, symmetric, qdiv, clip, torch.uint8)
+    codes, s, z = rows.row_quant(x, qmin, qmax, off, symmetric, qdiv, clip, torch.uint8)
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
     assert torch.equal(codes.int() - off, q_ref.int())
 
@@ -163,6 +163,6 @@ def test_native_row_quant_refuses_bad_operands() -> None:
     if not native.available():
         pytest.skip(native.why_unavailable())
     with pytest.raises(ConfigError, match="do not fit"):
-        native.row_quant(torch.randn(2, 4), -128, 127, 0, True, 127, 1.0, torch.uint8)
+        rows.row_quant(torch.randn(2, 4), -128, 127, 0, True, 127, 1.0, torch.uint8)
     with pytest.raises(ConfigError, match="float32"):
-        native.row_quant(torch.randn(2, 4).double(), 0, 255, 0, False, 255, 1.0, torch.uint8)
+        rows.row_quant(torch.randn(2, 4).double(), 0, 255, 0, False, 255, 1.0, torch.uint8)

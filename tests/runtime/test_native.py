@@ -19,7 +19,7 @@ import torch
 
 from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, calibrate, prepare
-from vitquant.runtime import Int8Block, lower, lowering_report, native
+from vitquant.runtime import Int8Block, lower, lowering_report, native, rows
 from vitquant.runtime.kernels import int_bmm
 
 needs_native = pytest.mark.skipif(
@@ -155,7 +155,7 @@ def test_layernorm_quant_matches_layer_norm_then_round(
     x[..., 0] *= 40  # an outlier channel: the statistics see it, the codes saturate
     w = torch.randn(c, generator=gen) * 20
     b = torch.randn(c, generator=gen) * 5 + zp
-    got = native.layernorm_quant(x, w, b, 1e-6, lo, hi, dtype)
+    got = rows.layernorm_quant(x, w, b, 1e-6, lo, hi, dtype)
     assert got.dtype == dtype and got.shape == x.shape
     want = _ln_codes(x, w, b, 1e-6, lo, hi)
     diff = (got.int() - want.int()).abs()
@@ -169,14 +169,14 @@ def test_layernorm_quant_reads_strided_rows() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, 96, generator=gen)[:, ::2]  # rows of contiguous elements, row gaps
     w, b = torch.randn(96, generator=gen) * 10, torch.full((96,), 128.0)
-    got = native.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.uint8)
+    got = rows.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.uint8)
     assert torch.equal(got.int(), _ln_codes(x, w, b, 1e-5, 0, 255).int())
-    with pytest.raises(ConfigError, match="code range"):
-        native.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.int8)
+    with pytest.raises(ConfigError, match="do not fit"):
+        rows.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.int8)
     with pytest.raises(ConfigError, match="weight/bias"):
-        native.layernorm_quant(x, w[:5], b, 1e-5, 0, 255, torch.uint8)
+        rows.layernorm_quant(x, w[:5], b, 1e-5, 0, 255, torch.uint8)
     with pytest.raises(ConfigError, match="float32"):
-        native.layernorm_quant(x.double(), w, b, 1e-5, 0, 255, torch.uint8)
+        rows.layernorm_quant(x.double(), w, b, 1e-5, 0, 255, torch.uint8)
 
 
 @needs_native
@@ -190,8 +190,8 @@ def test_lowered_blocks_normalise_with_the_native_kernel(monkeypatch) -> None:  
     lns = [x for x in m.modules() if isinstance(x, LayerNormQuant)]
     assert lns
     calls = []
-    kernel = native.layernorm_quant
-    monkeypatch.setattr(native, "layernorm_quant", lambda *a: calls.append(1) or kernel(*a))
+    kernel = rows.layernorm_quant
+    monkeypatch.setattr(rows, "layernorm_quant", lambda *a: calls.append(1) or kernel(*a))
     x = torch.randn(8, 17, lns[0].shape[0]) * 4
     with torch.no_grad():
         m(torch.randn(2, 1, 28, 28))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
-from vitquant.runtime import native
+from vitquant.runtime import native, rows
 from vitquant.runtime.kernels import ActQ, PackedWeight, int8_linear
 from vitquant.runtime.modules import Int8Linear, code_dtype, fits_8bit, weight_codes
 
@@ -170,7 +170,7 @@ class DynamicInt8Linear(nn.Module):
             x2 = x2.float() / self.smooth
         if self.native and x2.device.type == "cpu" and not torch.compiler.is_compiling():
             a = self.act
-            codes, s, z = native.row_quant(
+            codes, s, z = rows.row_quant(
                 x2, a.qmin, a.qmax, self.offset, a.symmetric, a.qdiv, a.clip, self.dtype
             )
             return DynCodes(codes, s, z, lead)

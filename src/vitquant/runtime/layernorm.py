@@ -4,7 +4,7 @@ int8 GEMM (``qkv`` or ``fc1``), as one operation.
 The quantizer's ``1 / scale`` and zero point (and a smoothed next layer's per-channel divisors)
 are folded into the LayerNorm's affine parameters, so only rounding and saturation are left.
 Eager on a CPU with vitquant's native kernels the whole operation is one pass per row
-(:func:`vitquant.runtime.native.layernorm_quant`); under ``torch.compile`` Inductor fuses the
+(:func:`vitquant.runtime.rows.layernorm_quant`); under ``torch.compile`` Inductor fuses the
 LayerNorm and the rounding into one loop of its own.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitquant.runtime import native
+from vitquant.runtime import native, rows
 from vitquant.runtime.kernels import quantize_act, quantize_fast
 from vitquant.runtime.modules import Int8Linear, _is_active
 
@@ -25,7 +25,7 @@ class LayerNormQuant(nn.Module):
     """``LayerNorm`` followed by quantization, with ``1 / scale`` and the zero point folded into
     the LayerNorm's affine parameters (one float pass fewer than normalise-then-quantize); a
     smoothed next layer's ``1 / (s * scale)`` is folded the same way. Eager on a CPU with the
-    native kernels it is one pass (:func:`~vitquant.runtime.native.layernorm_quant`); while
+    native kernels it is one pass (:func:`~vitquant.runtime.rows.layernorm_quant`); while
     ``torch.compile`` traces, Inductor fuses the LayerNorm and the rounding into one loop."""
 
     def __init__(self, norm: nn.LayerNorm, lin: Int8Linear) -> None:
@@ -57,7 +57,7 @@ class LayerNormQuant(nn.Module):
             and not torch.compiler.is_compiling()
             and native.available()
         ):  # one native pass, no float tensor written (float32 or bfloat16 in)
-            return native.layernorm_quant(
+            return rows.layernorm_quant(
                 x, self.weight, self.bias, self.eps, self.lo, self.hi, self.dtype
             )
         # a bfloat16 residual stream is normalised in float32 (Inductor fuses the cast)

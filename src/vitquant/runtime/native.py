@@ -1,7 +1,7 @@
 """vitquant's own CPU kernels in C, built on first use with the system C compiler.
 
 Attention kernels on AVX512-VNNI ``vpdpbusd``, all batch entries and heads in one call split
-over torch's OpenMP threads (``csrc/vnni_bmm.c`` says how), and one LayerNorm kernel:
+over torch's OpenMP threads (``csrc/vnni_bmm.c`` says how):
 
 * :func:`vnni_bmm`: the exact batched int8 products of attention (q·kᵀ, attn·v), int32 out. It
   replaces a loop of one ``torch._int_mm`` per head on one thread, which on Zen 5 spends most of
@@ -13,20 +13,16 @@ over torch's OpenMP threads (``csrc/vnni_bmm.c`` says how), and one LayerNorm ke
   the scores of six rows at a time kept in L1: the int32 scores are never written out (15 MB per
   layer for ViT-B at batch 8). The probabilities are those of ``torch.softmax`` up to float
   rounding (the exponential is Cephes' ``expf`` polynomial, within 2 ulp), so a code may differ
-  by one step where a probability lies within an ulp of a rounding midpoint;
-* :func:`layernorm_quant`: LayerNorm and the quantization of its output for the next GEMM in
-  one pass over each row (float32 or bfloat16 in, bytes out), where ATen runs a LayerNorm, a
-  ``quantize_per_tensor`` and an ``int_repr`` copy (3.3 ms of a 26 ms DeiT-S batch-1 forward on
-  Zen 4). Statistics in float32 as ATen's, so a code may differ by one step where a value lies
-  within an ulp of a rounding midpoint;
-* :func:`row_quant`: per-token (dynamic) quantization, each row's grid and codes in two sweeps
-  of the row (min/max, codes), bit-exact with the fake quantizer's torch ops (9.8 ms against
-  ~0.5 ms for a DeiT-S fc2 input at batch 8 on Zen 4).
+  by one step where a probability lies within an ulp of a rounding midpoint.
 
-The source ships with the package; the first call compiles it (``$CC``, else ``cc``/``gcc``;
+The row-wise kernels of the same library (LayerNorm-and-quantize, per-token quantization, the
+epilogue of a GEMM on per-token codes; ``csrc/rows.c``) have their Python side in
+:mod:`vitquant.runtime.rows`.
+
+The sources ship with the package; the first call compiles them (``$CC``, else ``cc``/``gcc``;
 about a second) into ``$VITQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vitquant`` or
 ``~/.cache/vitquant``; a per-user temporary folder where that is not writable), named by a
-hash of the source, flags and compiler, written to a temporary file and renamed, so
+hash of the sources, flags and compiler, written to a temporary file and renamed, so
 concurrent first calls are safe and later processes reuse it. The library is loaded with
 ``ctypes``; it links the OpenMP runtime torch has already loaded (the same ``libgomp.so.1``), so
 ``torch.set_num_threads`` sets its thread count too.
@@ -55,11 +51,13 @@ from vitquant.errors import ConfigError
 from vitquant.runtime.isa import cpu_flags
 
 __all__ = [
-    "available", "why_unavailable", "vnni_bmm", "vnni_bmm_quant", "qk_softmax", "layernorm_quant",
-    "row_quant", "library_path",
+    "available", "why_unavailable", "vnni_bmm", "vnni_bmm_quant", "qk_softmax", "library",
+    "library_path",
 ]  # fmt: skip
 
-_SOURCE = "vnni_bmm.c"
+#: the C sources (compiled into one library) and the header they share
+_SOURCES = ("vnni_bmm.c", "rows.c")
+_HEADERS = ("common.h",)
 _FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp",
           "-fPIC", "-shared")  # fmt: skip
 _NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
@@ -81,15 +79,17 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str, src: bytes, out: Path) -> None:
-    """Compiles ``src`` into ``out`` atomically (temporary file in the same folder, rename)."""
+def _build(cc: str, files: dict[str, bytes], out: Path) -> None:
+    """Compiles the sources ``files`` (name: text; headers beside them) into ``out`` atomically
+    (temporary folder in the same folder, rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        c_file = Path(tmp) / _SOURCE
-        c_file.write_bytes(src)
+        for name, text in files.items():
+            (Path(tmp) / name).write_bytes(text)
+        c_files = [str(Path(tmp) / name) for name in _SOURCES]
         lib = Path(tmp) / out.name
         proc = subprocess.run(
-            [cc, *_FLAGS, str(c_file), "-o", str(lib)], capture_output=True, text=True, timeout=120
+            [cc, *_FLAGS, *c_files, "-o", str(lib)], capture_output=True, text=True, timeout=120
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-400:]}")
@@ -107,7 +107,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC)"
-    src = resources.files("vitquant.runtime").joinpath("csrc", _SOURCE).read_bytes()
+    csrc = resources.files("vitquant.runtime").joinpath("csrc")
+    files = {name: csrc.joinpath(name).read_bytes() for name in (*_SOURCES, *_HEADERS)}
+    src = b"".join(files.values())
     try:
         version = subprocess.run(
             [cc, "--version"], capture_output=True, text=True, timeout=30
@@ -124,7 +126,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         path = folder / name
         try:
             if not path.exists():
-                _build(cc, src, path)
+                _build(cc, files, path)
             lib = ctypes.CDLL(str(path))
             break
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -151,6 +153,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.vq_row_quant.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
     )
+    lib.vq_layernorm_row_quant.restype = None
+    lib.vq_layernorm_row_quant.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+        + [ctypes.c_float] + [ctypes.c_int] * 4 + [ctypes.c_float] * 2
+    )  # fmt: skip
+    lib.vq_row_epilogue.restype = None
+    lib.vq_row_epilogue.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64]
+        + [ctypes.c_int] + [ctypes.c_void_p] + [ctypes.c_int64] + [ctypes.c_int] * 3
+    )  # fmt: skip
     return lib, ""
 
 
@@ -181,7 +193,12 @@ def _as4d(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-3], *t.shape[-2:])
 
 
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (its functions' argument types declared).
+
+    Raises:
+        ConfigError: it is unavailable (see :func:`why_unavailable`).
+    """
     lib, why = _load()
     if lib is None:
         raise ConfigError(f"the native int8 kernel is unavailable: {why}")
@@ -271,7 +288,7 @@ def _operands(
 
 def _bmm(a: Tensor, b: Tensor, out: Tensor, epi: tuple[float, float, int, int, int] | None) -> None:
     """Checks the operands and runs ``vq_bmm`` (int32 ``out``) or ``vq_bmm_quant`` (bytes)."""
-    lib = _library()
+    lib = library()
     a4, b4, trans, sbr = _operands("vnni_bmm", a, b, (torch.int8, torch.uint8))
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if out.numel() == 0:
@@ -305,7 +322,7 @@ def qk_softmax(
     Raises:
         ConfigError: the kernel is unavailable, or the operands do not fit.
     """
-    lib = _library()
+    lib = library()
     q4, k4, _, skr = _operands("qk_softmax", q, kt, (torch.int8,), trans_b=True)
     _check_grid("qk_softmax", scale, lo, hi, (-128, 127))
     batch, m, k, n = q.shape[:-2], q.shape[-2], q.shape[-1], kt.shape[-1]
@@ -321,103 +338,3 @@ def qk_softmax(
     if failed:
         raise MemoryError("qk_softmax: could not allocate its buffers")
     return out
-
-
-def layernorm_quant(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, lo: int, hi: int, dtype: torch.dtype
-) -> Tensor:
-    """Codes ``clamp(round(layer_norm(x) * weight + bias), lo, hi)`` in ``dtype``, in one pass.
-
-    The LayerNorm over the last dimension (no affine of its own: ``weight`` and ``bias`` are
-    its affine parameters with the quantizer's ``1 / scale`` and zero point folded in, as in
-    :class:`~vitquant.runtime.layernorm.LayerNormQuant`), rounding half to even and saturation:
-    each row is swept three times while it sits in L1 (mean, variance, codes) and no float
-    tensor is written.
-
-    Args:
-        x: float32 or bfloat16 ``[..., C]`` (rows of C contiguous elements).
-        weight, bias: float32 ``[C]``.
-        eps: the LayerNorm's epsilon.
-        lo, hi: the codes' range in the storage dtype.
-        dtype: ``torch.uint8`` or ``torch.int8``.
-
-    Raises:
-        ConfigError: the kernel is unavailable, or the operands do not fit.
-    """
-    lib = _library()
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
-        raise ConfigError(f"layernorm_quant takes float32/bfloat16 CPU tensors, got {x.dtype}")
-    c = x.shape[-1]
-    if weight.shape != (c,) or bias.shape != (c,):
-        raise ConfigError(f"layernorm_quant: weight/bias of {c} values expected")
-    bound = (0, 255) if dtype == torch.uint8 else (-128, 127)
-    if dtype not in (torch.uint8, torch.int8) or not bound[0] <= lo <= hi <= bound[1]:
-        raise ConfigError(f"layernorm_quant: bad code range [{lo}, {hi}] for {dtype}")
-    x2 = x.reshape(-1, c) if x.dim() != 2 else x
-    if c and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w = weight.detach().float().contiguous()
-    b = bias.detach().float().contiguous()
-    out = torch.empty(x.shape, dtype=dtype)
-    if out.numel():
-        lib.vq_layernorm_quant(
-            x2.data_ptr(), out.data_ptr(), x2.shape[0], c, x2.stride(0), c,
-            int(x.dtype == torch.bfloat16), w.data_ptr(), b.data_ptr(), float(eps), lo, hi,
-        )  # fmt: skip
-    return out
-
-
-def row_quant(
-    x: Tensor,
-    qmin: int,
-    qmax: int,
-    offset: int,
-    symmetric: bool,
-    qdiv: float,
-    clip: float,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row grids and codes of ``x`` (:func:`~vitquant.quant.primitives.token_qparams`).
-
-    Args:
-        x: float32 or bfloat16 ``[..., C]``.
-        qmin, qmax: the grid.
-        offset: added to the codes for storage (128 stores a signed grid as uint8).
-        symmetric: ``scale = max(clip * max|row|, 1e-12) / qdiv`` and zero point 0; else the
-            unsigned grid over ``clip * [min(row, 0), max(row, 0)]``.
-        qdiv: the grid's divisor: a symmetric grid's ``qmax``; ``2^bits - 1`` for an asymmetric
-            one (whose zero point lies in ``[0, qdiv]``, as in
-            :func:`~vitquant.quant.primitives.qparams_from_minmax`).
-        clip: the clip ratio.
-        dtype: ``torch.uint8`` or ``torch.int8`` storage.
-
-    Returns:
-        ``(codes [M, C] in dtype, scale [M, 1], zero point [M, 1])`` with ``M`` the rows of
-        ``x``; codes ``clamp(round(x / scale) + zero_point, qmin, qmax) + offset``.
-
-    Raises:
-        ConfigError: the kernel is unavailable, or the operands do not fit.
-    """
-    lib = _library()
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
-        raise ConfigError(f"row_quant takes float32/bfloat16 CPU tensors, got {x.dtype}")
-    bound = (0, 255) if dtype == torch.uint8 else (-128, 127)
-    if dtype not in (torch.uint8, torch.int8) or not (
-        bound[0] <= qmin + offset <= qmax + offset <= bound[1]
-    ):
-        raise ConfigError(f"row_quant: codes [{qmin}, {qmax}] + {offset} do not fit {dtype}")
-    c = x.shape[-1]
-    x2 = x.reshape(-1, c) if x.dim() != 2 else x
-    if c and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    out = torch.empty((rows, c), dtype=dtype)
-    scale = torch.empty((rows, 1), dtype=torch.float32)
-    zero = torch.empty((rows, 1), dtype=torch.float32)
-    if out.numel():
-        lib.vq_row_quant(
-            x2.data_ptr(), out.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, c,
-            x2.stride(0), c, int(x.dtype == torch.bfloat16), int(symmetric), int(qmin),
-            int(qmax), int(offset), float(qdiv), float(clip),
-        )  # fmt: skip
-    return out, scale, zero

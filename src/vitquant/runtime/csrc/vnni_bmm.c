@@ -16,11 +16,7 @@
  * b_trans (B stored as its transpose, rows of K: the keys of q.k^T), else B[... + k*sbr + n];
  * C(i, n) = C[b*scb + h*sch + i*scm + n]. Element strides of the innermost dimension are 1.
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <math.h>
-#include <string.h>
+#include "common.h"
 
 /* vpdpbusd in place: GCC's intrinsic makes it copy (and spill) every accumulator in loops; the
  * in-place form keeps each accumulator in its register. */
@@ -345,11 +341,6 @@ static inline __m512 exp_neg(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __mmask16 tail_mask(int64_t left)
-{
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
-
 /* One row: p = softmax(alpha * s), codes = clamp(rint(p * inv_scale) + zp, lo, hi) as int8. */
 static void softmax_row(const int32_t *s, int64_t n, const Sm *sm, float *e, int8_t *out)
 {
@@ -397,138 +388,4 @@ int vq_qk_softmax(const int8_t *Q, const int8_t *Kt, int8_t *P, int64_t nb, int6
     const Sm sm = {alpha, inv_scale, zp, lo, hi};
     return bmm(Q, Kt, (int32_t *)P, nb, nh, m, k, n, sqb, sqh, sqm, skb, skh, skr, spb, sph, spm,
                1, 1, NULL, &sm);
-}
-
-/* ---- LayerNorm fused with the quantization of its output ---------------------------------- */
-
-/* x[0..c) of one row as float32 (bfloat16 rows are widened: a bfloat16 is the high half). */
-static inline __m512 load_row(const void *x, int64_t j, __mmask16 m, int bf16)
-{
-    if (bf16) {
-        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)x + j);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(m, (const float *)x + j);
-}
-
-/* Y[r, :] = clamp(rint((X[r, :] - mean) * rstd * w + b), lo, hi), one byte each, for every row
- * r: LayerNorm over the last dimension (biased variance, float32 statistics as torch's CPU
- * kernel) with the quantizer's 1 / scale and zero point folded into w and b by the caller, so
- * the normalised value is only rounded (half to even) and saturated. X: float32 (x_bf16 = 0) or
- * bfloat16 rows of c elements, row stride sx elements; Y: rows of c bytes, stride sy. */
-void vq_layernorm_quant(const void *X, uint8_t *Y, int64_t rows, int64_t c, int64_t sx,
-                        int64_t sy, int x_bf16, const float *w, const float *b, float eps, int lo,
-                        int hi)
-{
-    const size_t esize = x_bf16 ? 2 : 4;
-    const int64_t c64 = c / 64 * 64; /* four independent accumulators up to here */
-#pragma omp parallel for schedule(static) if (rows * c >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const void *x = (const char *)X + (size_t)(r * sx) * esize;
-        uint8_t *y = Y + r * sy;
-        const __mmask16 all = 0xFFFF;
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        int64_t j = 0;
-        for (; j < c64; j += 64) {
-            s0 = _mm512_add_ps(s0, load_row(x, j, all, x_bf16));
-            s1 = _mm512_add_ps(s1, load_row(x, j + 16, all, x_bf16));
-            s2 = _mm512_add_ps(s2, load_row(x, j + 32, all, x_bf16));
-            s3 = _mm512_add_ps(s3, load_row(x, j + 48, all, x_bf16));
-        }
-        for (; j < c; j += 16) s0 = _mm512_add_ps(s0, load_row(x, j, tail_mask(c - j), x_bf16));
-        const float mean =
-            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) /
-            (float)c;
-        const __m512 vm = _mm512_set1_ps(mean);
-        s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-#define SQ(acc, off)                                                                          \
-    do {                                                                                      \
-        const __m512 d = _mm512_sub_ps(load_row(x, j + (off), all, x_bf16), vm);              \
-        acc = _mm512_fmadd_ps(d, d, acc);                                                     \
-    } while (0)
-        for (j = 0; j < c64; j += 64) {
-            SQ(s0, 0); SQ(s1, 16); SQ(s2, 32); SQ(s3, 48);
-        }
-#undef SQ
-        for (; j < c; j += 16) {
-            const __mmask16 m = tail_mask(c - j);
-            const __m512 d = _mm512_maskz_sub_ps(m, load_row(x, j, m, x_bf16), vm);
-            s0 = _mm512_fmadd_ps(d, d, s0);
-        }
-        const float var =
-            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) /
-            (float)c;
-        const float rstd = 1.0f / sqrtf(var + eps);
-        const __m512 va = _mm512_set1_ps(rstd), vb = _mm512_set1_ps(-mean * rstd);
-        const __m512i vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
-        for (j = 0; j < c; j += 16) {
-            const __mmask16 m = tail_mask(c - j);
-            const __m512 z = _mm512_fmadd_ps(load_row(x, j, m, x_bf16), va, vb);
-            const __m512 q = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(m, w + j),
-                                             _mm512_maskz_loadu_ps(m, b + j));
-            __m512i k = _mm512_cvtps_epi32(_mm512_roundscale_ps(
-                q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            k = _mm512_min_epi32(_mm512_max_epi32(k, vlo), vhi);
-            if (m == all) /* the register form: vpmovdb to memory is slow on Zen 4 */
-                _mm_storeu_si128((__m128i *)(y + j), _mm512_cvtepi32_epi8(k));
-            else
-                _mm512_mask_cvtepi32_storeu_epi8(y + j, m, k);
-        }
-    }
-}
-
-/* Per-token (dynamic) quantization of rows: for each row r of X ([rows, c], row stride sx
- * elements, float32 or bfloat16), its grid as vitquant.quant.primitives.token_qparams computes
- * it in float32 (symmetric: s = max(clip * max|x|, 1e-12) / qdiv, z = 0; asymmetric: the
- * unsigned grid [0, qdiv] over [min(clip * min x, 0), max(clip * max x, 0)]), in S[r] and Z[r], and
- * the codes clamp(round(x / s) + z, qmin, qmax) + off as bytes in Y (row stride sy). Division and
- * rounding half to even as torch's, so the codes equal the fake quantizer's. */
-void vq_row_quant(const void *X, uint8_t *Y, float *S, float *Z, int64_t rows, int64_t c,
-                  int64_t sx, int64_t sy, int x_bf16, int symmetric, int qmin, int qmax, int off,
-                  float qdiv, float clip)
-{
-    const size_t esize = x_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) if (rows * c >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const void *x = (const char *)X + (size_t)(r * sx) * esize;
-        uint8_t *y = Y + r * sy;
-        const __mmask16 all = 0xFFFF;
-        __m512 vmax = _mm512_set1_ps(-INFINITY), vmin = _mm512_set1_ps(INFINITY);
-        for (int64_t j = 0; j < c; j += 16) {
-            const __mmask16 m = j + 16 <= c ? all : tail_mask(c - j);
-            const __m512 v = load_row(x, j, m, x_bf16);
-            vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
-            vmin = _mm512_mask_min_ps(vmin, m, vmin, v);
-        }
-        const float mx = _mm512_reduce_max_ps(vmax), mn = _mm512_reduce_min_ps(vmin);
-        float s, z;
-        if (symmetric) {
-            const float amax = fmaxf(mx, -mn) * clip;
-            s = fmaxf(amax, 1e-12f) / qdiv;
-            z = 0.0f;
-        } else {
-            const float lo = fminf(mn * clip, 0.0f), hi = fmaxf(mx * clip, 0.0f);
-            s = fmaxf((hi - lo) / qdiv, 1e-12f); /* qparams_from_minmax: the grid [0, qdiv] */
-            z = nearbyintf(0.0f - lo / s);
-            z = fminf(fmaxf(z, 0.0f), qdiv);
-        }
-        S[r] = s;
-        Z[r] = z;
-        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
-        const __m512i vlo = _mm512_set1_epi32(qmin), vhi = _mm512_set1_epi32(qmax);
-        const __m512i voff = _mm512_set1_epi32(off);
-        for (int64_t j = 0; j < c; j += 16) {
-            const __mmask16 m = j + 16 <= c ? all : tail_mask(c - j);
-            const __m512 q = _mm512_add_ps(
-                _mm512_roundscale_ps(_mm512_div_ps(load_row(x, j, m, x_bf16), vs),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                vz);
-            __m512i k = _mm512_cvtps_epi32(q);
-            k = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(k, vlo), vhi), voff);
-            if (m == all)
-                _mm_storeu_si128((__m128i *)(y + j), _mm512_cvtepi32_epi8(k));
-            else
-                _mm512_mask_cvtepi32_storeu_epi8(y + j, m, k);
-        }
-    }
 }
