@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 import vitquant
-from vitquant.errors import ConfigError
 from vitquant.quant import QuantConfig, calibrate, prepare
-from vitquant.quant import primitives as P
-from vitquant.runtime import lower, lowering_report, native, onednn_available, rows
-from vitquant.runtime.dynamic import DynAct, DynamicInt8Linear
+from vitquant.runtime import lower, lowering_report, native, onednn_available
+from vitquant.runtime.dynamic import DynamicInt8Linear
+from vitquant.runtime.kernels import ActQ
 
 BACKENDS = ["reference", "intmm"] + (["onednn"] if onednn_available() else [])
 
@@ -134,35 +133,54 @@ def test_after_gemm_quantizer_keeps_the_layer_in_fake_quant() -> None:
 
 @pytest.mark.skipif(not native.available(), reason=native.why_unavailable() or "native")
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize(
-    ("bits", "narrow", "clip"), [(8, False, 1.0), (8, True, 0.9), (4, False, 0.8)]
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_row_quant_is_bit_exact_with_the_torch_ops(
-    symmetric: bool, bits: int, narrow: bool, clip: float, dtype: torch.dtype
-) -> None:
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(50, 2 * 37, generator=g) * torch.exp(2 * torch.randn(50, 1, generator=g))
-    x[7] = 0.0  # an all-zero row
-    x[9] = x[9].abs()  # a row without negative values
-    x = x.to(dtype)[:, ::2]  # strided rows of 37 (a tail of 5 after two vectors)
-    signed = symmetric
-    qmin, qmax = P.qrange(bits, signed, narrow)
-    act = DynAct(bits, signed, symmetric, narrow, clip, qmin, qmax)
-    s_ref, z_ref = act.grid(x.float())
-    q_ref = torch.clamp(torch.round(x.float() / s_ref) + z_ref, qmin, qmax)
-    off = 128 if signed else 0
-    qdiv = qmax if symmetric else 2**bits - 1  # written out: the test checks DynAct.qdiv
-    assert act.qdiv == qdiv
-    codes, s, z = rows.row_quant(x, qmin, qmax, off, symmetric, qdiv, clip, torch.uint8)
-    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
-    assert torch.equal(codes.int() - off, q_ref.int())
+def test_native_epilogue_matches_the_torch_path(symmetric: bool) -> None:
+    """The one-pass native epilogue against the torch ops it replaces (``native = False``):
+    bit-exact float32/bfloat16 results with a residual, equal codes on a folded (1, 0) grid,
+    GELU after it."""
+    if not onednn_available():
+        pytest.skip("needs oneDNN")
+    lin, x = _linear(symmetric)
+    fast, _ = DynamicInt8Linear.from_quant(lin, "onednn")
+    slow = copy.deepcopy(fast)
+    slow.native = False
+    c = fast.quantize_input(x)
+    r = torch.randn(3, 17, 20)
+    grid = ActQ(1.0, 0, -127, 127)
+    kw_cases = [
+        {"bias": fast.bias, "other": r},
+        {"bias": fast.bias, "other": r.bfloat16(), "out_dtype": torch.bfloat16},
+        {
+            "bias": fast.bias,
+            "w_scale": fast.weight.scale * 40,
+            "out": grid,
+            "out_dtype": torch.int8,
+        },
+        {"bias": fast.bias, "post": "gelu", "other": r},
+    ]
+    for kw in kw_cases:
+        got, want = fast.forward_codes(c, **kw), slow.forward_codes(c, **kw)
+        assert got.dtype == want.dtype and got.shape == (3, 17, 20)
+        assert torch.equal(got, want), kw.keys()
 
 
-def test_native_row_quant_refuses_bad_operands() -> None:
-    if not native.available():
-        pytest.skip(native.why_unavailable())
-    with pytest.raises(ConfigError, match="do not fit"):
-        rows.row_quant(torch.randn(2, 4), -128, 127, 0, True, 127, 1.0, torch.uint8)
-    with pytest.raises(ConfigError, match="float32"):
-        rows.row_quant(torch.randn(2, 4).double(), 0, 255, 0, False, 255, 1.0, torch.uint8)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_fused_blocks_keep_the_fast_attention_with_dynamic_inputs(backend: str) -> None:
+    """With every Linear input per token, the LayerNorms quantize rows on their own grids and
+    ``qkv``'s epilogue writes the q/k/v codes, so the fused attention kernels still run."""
+    from vitquant.runtime.layernorm import LayerNormRowQuant
+
+    torch.manual_seed(0)
+    m = vitquant.create_model("vit_micro_patch4_28", num_classes=10).eval()
+    prepare(m, QuantConfig(wbits=8, abits=8, act_dynamic=True))
+    x = torch.randn(16, 1, 28, 28)
+    calibrate(m, [x], progress=False)
+    low = lower(copy.deepcopy(m), backend, warn=False)
+    blocks = lowering_report(low)["blocks"]
+    assert blocks
+    for b in low.modules():
+        if type(b).__name__ == "Int8Block":
+            assert isinstance(b.ln1, LayerNormRowQuant) and isinstance(b.ln2, LayerNormRowQuant)
+            assert b.attn.qkv_codes is not None
+    with torch.no_grad():
+        y_fq, y = m(x), low(x)
+    assert float(torch.nn.functional.cosine_similarity(y.flatten(), y_fq.flatten(), 0)) > 0.9999

@@ -132,53 +132,6 @@ def test_qk_softmax_matches_softmax_then_quantize(
     assert got.min() >= lo and got.max() <= hi
 
 
-def _ln_codes(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, lo: int, hi: int
-) -> torch.Tensor:
-    """ATen's LayerNorm (float32 statistics), then round half to even and saturate."""
-    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
-    return torch.round(y).clamp(lo, hi)
-
-
-@needs_native
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 17), (2, 197, 64), (1, 197, 384), (2, 7, 200)])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dtype,lo,hi,zp", [(torch.uint8, 0, 255, 128.0),
-                                            (torch.int8, -128, 127, 0.0),
-                                            (torch.int8, -7, 7, 0.0)])  # fmt: skip
-def test_layernorm_quant_matches_layer_norm_then_round(
-    shape: tuple[int, ...], x_dtype: torch.dtype, dtype: torch.dtype, lo: int, hi: int, zp: float
-) -> None:
-    gen = torch.Generator().manual_seed(sum(shape))
-    c = shape[-1]
-    x = (torch.randn(*shape, generator=gen) * 3 + 1).to(x_dtype)
-    x[..., 0] *= 40  # an outlier channel: the statistics see it, the codes saturate
-    w = torch.randn(c, generator=gen) * 20
-    b = torch.randn(c, generator=gen) * 5 + zp
-    got = rows.layernorm_quant(x, w, b, 1e-6, lo, hi, dtype)
-    assert got.dtype == dtype and got.shape == x.shape
-    want = _ln_codes(x, w, b, 1e-6, lo, hi)
-    diff = (got.int() - want.int()).abs()
-    # float32 statistics summed in another order: one step at most, only at rounding midpoints
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
-    assert got.min() >= lo and got.max() <= hi
-
-
-@needs_native
-def test_layernorm_quant_reads_strided_rows() -> None:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 6, 96, generator=gen)[:, ::2]  # rows of contiguous elements, row gaps
-    w, b = torch.randn(96, generator=gen) * 10, torch.full((96,), 128.0)
-    got = rows.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.uint8)
-    assert torch.equal(got.int(), _ln_codes(x, w, b, 1e-5, 0, 255).int())
-    with pytest.raises(ConfigError, match="do not fit"):
-        rows.layernorm_quant(x, w, b, 1e-5, 0, 255, torch.int8)
-    with pytest.raises(ConfigError, match="weight/bias"):
-        rows.layernorm_quant(x, w[:5], b, 1e-5, 0, 255, torch.uint8)
-    with pytest.raises(ConfigError, match="float32"):
-        rows.layernorm_quant(x.double(), w, b, 1e-5, 0, 255, torch.uint8)
-
-
 @needs_native
 def test_lowered_blocks_normalise_with_the_native_kernel(monkeypatch) -> None:  # noqa: ANN001
     """Eager, each fused block's LayerNorm-and-quantize is the native pass; its codes are those

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from vitquant.errors import ConfigError
 from vitquant.quant import primitives as P
 from vitquant.runtime import native, rows
-from vitquant.runtime.kernels import ActQ, PackedWeight, int8_linear
+from vitquant.runtime.kernels import ActQ, PackedWeight, int8_linear, quantize_act
 from vitquant.runtime.modules import Int8Linear, code_dtype, fits_8bit, weight_codes
 
 __all__ = ["DynAct", "DynCodes", "DynamicInt8Linear", "dyn_from_quantizer", "linear_from_quant"]
@@ -140,7 +140,8 @@ class DynamicInt8Linear(nn.Module):
                     f"{smooth.numel()} smoothing factors for {self.in_features} input channels"
                 )
         self.register_buffer("smooth", smooth)
-        #: quantize rows with the native kernel (eager, CPU), bit-exact with the torch ops
+        #: native row kernels (eager, CPU): quantization bit-exact with the torch ops, the
+        #: GEMM's epilogue in one pass
         self.native = backend != "reference" and native.available()
         # sum_k c[n, k] * w_n: the zero-point correction of asymmetric rows
         self.register_buffer("wsum", self.weight.row_sum.float() * self.weight.scale)
@@ -168,7 +169,12 @@ class DynamicInt8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.smooth is not None:
             x2 = x2.float() / self.smooth
-        if self.native and x2.device.type == "cpu" and not torch.compiler.is_compiling():
+        return self.row_codes(x2, lead)
+
+    def row_codes(self, x2: Tensor, lead: tuple[int, ...]) -> DynCodes:
+        """The codes of the rows ``x2 [M, K]`` (already smoothed) of an input shaped
+        ``[*lead, K]``."""
+        if self._fast(x2):
             a = self.act
             codes, s, z = rows.row_quant(
                 x2, a.qmin, a.qmax, self.offset, a.symmetric, a.qdiv, a.clip, self.dtype
@@ -181,6 +187,10 @@ class DynamicInt8Linear(nn.Module):
             q = q.add_(self.offset)
         return DynCodes(q.to(self.dtype), s, z, lead)
 
+    def _fast(self, x: Tensor) -> bool:
+        """Use the native row kernels on ``x`` (eager, CPU)."""
+        return self.native and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
     def forward_codes(
         self,
         c: DynCodes,
@@ -190,10 +200,15 @@ class DynamicInt8Linear(nn.Module):
         w_scale: Tensor | None = None,
         post: str = "none",
         gelu_approximate: str = "none",
+        out: ActQ | None = None,
         out_dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """``post(s_m * w_n * (x_q c^T - z_m sum c) + bias) + other`` in ``out_dtype``;
-        ``w_scale`` replaces the weight scale (a folded LayerScale)."""
+        """``post(s_m * w_n * (x_q c^T - z_m sum c) + bias) + other`` in ``out_dtype``, or its
+        codes on ``out``'s grid stored as ``out_dtype`` (uint8/int8); ``w_scale`` replaces the
+        weight scale (a folded LayerScale, or the q/k/v grids folded into ``qkv``).
+
+        Eager on a CPU with the native kernels, everything after the GEMM is one pass
+        (:func:`~vitquant.runtime.rows.row_epilogue`; GELU, when asked for, is torch's)."""
         ws = self.weight.scale if w_scale is None else w_scale
         if self.backend == "reference":
             acc = (c.codes.double() - self.offset) @ self.weight.codes.double().t()
@@ -201,18 +216,75 @@ class DynamicInt8Linear(nn.Module):
             y = (acc * ws.double() * c.scale.double()).float()
         else:
             y = int8_linear(c.codes, 1.0, self.offset, self.weight, w_scale=w_scale)
+            wsum = None
             if not self.act.symmetric:
                 wsum = self.wsum if w_scale is None else self.weight.row_sum.float() * ws
+            if self._fast(y):
+                return self._native_epilogue(
+                    y, c, wsum, bias, other, post, gelu_approximate, out, out_dtype
+                )
+            if wsum is not None:
                 y = y.sub_(c.zero_point * wsum)
             y = y.mul_(c.scale)
         if bias is not None:
             y = y.add_(bias)
+        return self._tail(y, c, other, post, gelu_approximate, out, out_dtype)
+
+    def _tail(
+        self,
+        y: Tensor,
+        c: DynCodes,
+        other: Tensor | None,
+        post: str,
+        gelu_approximate: str,
+        out: ActQ | None,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        """GELU, the residual and the output's dtype or grid, on the float result ``y``."""
         if post == "gelu":
             y = F.gelu(y, approximate=gelu_approximate)
         y = y.reshape(*c.lead, self.out_features)
         if other is not None:
             y = y + other
+        if out is not None:
+            return quantize_act(y, out, out_dtype)
         return y.to(out_dtype)
+
+    def _native_epilogue(
+        self,
+        y: Tensor,
+        c: DynCodes,
+        wsum: Tensor | None,
+        bias: Tensor | None,
+        other: Tensor | None,
+        post: str,
+        gelu_approximate: str,
+        out: ActQ | None,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        z = None if wsum is None else c.zero_point
+        y = y.reshape(-1, self.out_features)
+        if out is not None and post == "none" and other is None:
+            # the grid's 1 / scale and zero point folded into the row scales and the bias
+            # (exactly the torch path's codes when the grid is (1, 0), as for q/k/v)
+            shift = out.zero_point + out.offset(out_dtype)
+            b = torch.zeros(self.out_features) if bias is None else bias
+            if out.scale != 1.0:
+                b = b / out.scale
+            lo, hi = out.qmin + out.offset(out_dtype), out.qmax + out.offset(out_dtype)
+            codes = rows.row_epilogue(
+                y, c.scale if out.scale == 1.0 else c.scale / out.scale, zero_point=z,
+                wsum=wsum, bias=b + shift if shift else b, out_dtype=out_dtype, lo=lo, hi=hi,
+            )  # fmt: skip
+            return codes.reshape(*c.lead, self.out_features)
+        if post == "none" and out is None and out_dtype in (torch.float32, torch.bfloat16):
+            res = None if other is None else other.reshape(-1, self.out_features)
+            y = rows.row_epilogue(
+                y, c.scale, zero_point=z, wsum=wsum, bias=bias, other=res, out_dtype=out_dtype
+            )
+            return y.reshape(*c.lead, self.out_features)
+        y = rows.row_epilogue(y, c.scale, zero_point=z, wsum=wsum, bias=bias)
+        return self._tail(y, c, other, post, gelu_approximate, out, out_dtype)
 
     def float_from_codes(self, c: DynCodes) -> Tensor:
         """Float output from quantized input (bias included)."""

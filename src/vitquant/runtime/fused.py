@@ -21,10 +21,11 @@ Inductor's x86 int8 path and FasterTransformer's int8 ViT kernels do:
   one pass after it).
 
 A linear with per-token dynamic input scales (:class:`~vitquant.runtime.dynamic.
-DynamicInt8Linear`) keeps the block fused: its row scale cannot enter oneDNN's one-scale
-epilogue, so the op before it writes float (LayerNorm, ``attn·v``, GELU in ``fc1``'s
-epilogue) and it quantizes that in one row pass; after it, q/k/v are quantized from ``qkv``'s
-float output.
+DynamicInt8Linear`) keeps the block fused: the LayerNorm before ``qkv``/``fc1`` quantizes each
+row on its own grid (:class:`~vitquant.runtime.layernorm.LayerNormRowQuant`), ``attn·v`` and
+GELU write float that one row pass quantizes; the row scale cannot enter oneDNN's one-scale
+epilogue, so oneDNN writes float and one native pass applies it with the bias, the residual
+and, after ``qkv``, the q/k/v grids (the codes go to the same fused attention kernels).
 
 Smoothing factors of ``qkv``/``fc1`` inputs are folded into the LayerNorm-and-quantize pass
 (:class:`LayerNormQuant`), those of ``proj`` into the quantization of the ``attn·v`` result.
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from vitquant.runtime import native, ops
 from vitquant.runtime.dynamic import DynamicInt8Linear, linear_from_quant
 from vitquant.runtime.kernels import ActQ, quantize_act, quantize_fast
-from vitquant.runtime.layernorm import LayerNormQuant
+from vitquant.runtime.layernorm import LayerNormQuant, norm_quant
 from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active, rescale
 
 __all__ = ["Int8Attention", "Int8Mlp", "Int8Block", "LayerNormQuant", "block_unsupported"]
@@ -148,7 +149,7 @@ class Int8Attention(nn.Module):
         """Prepares the qkv epilogue that writes q/k/v int8 codes directly (ft1)."""
         self.qkv_codes: ActQ | None = None
         qk, av = self.qk, self.av
-        if self.qkv.dynamic or self.qkv.out_q is not None or qk is None or av is None:
+        if self.qkv.out_q is not None or qk is None or av is None:
             return
         sections = (qk.a, qk.b, av.b)
         if any(s.zero_point or s.offset(torch.int8) for s in sections):
@@ -405,11 +406,7 @@ class Int8Block(nn.Module):
         self.fuse_add1 = _plain_add(block.add1) and attn.proj.out_q is None
         self.fuse_add2 = _plain_add(block.add2) and mlp.fc2.out_q is None
         self.gamma1, self.gamma2 = _layer_scale(block.ls1), _layer_scale(block.ls2)
-        self.ln1 = self.ln2 = None
-        if LayerNormQuant.supported(block.norm1) and not attn.qkv.dynamic:
-            self.ln1 = LayerNormQuant(block.norm1, attn.qkv)
-        if LayerNormQuant.supported(block.norm2) and not mlp.fc1.dynamic:
-            self.ln2 = LayerNormQuant(block.norm2, mlp.fc1)
+        self.ln1, self.ln2 = norm_quant(block.norm1, attn.qkv), norm_quant(block.norm2, mlp.fc1)
 
     @classmethod
     def from_block(

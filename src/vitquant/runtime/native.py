@@ -58,8 +58,10 @@ __all__ = [
 #: the C sources (compiled into one library) and the header they share
 _SOURCES = ("vnni_bmm.c", "rows.c")
 _HEADERS = ("common.h",)
-_FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp",
-          "-fPIC", "-shared")  # fmt: skip
+#: -ffp-contract=off: a multiply then an add stay two roundings (GCC's intrinsics are vector
+#: expressions it would fuse), so the epilogues are bit-exact with torch's op chains
+_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512vnni", "-fopenmp", "-fPIC", "-shared")  # fmt: skip
 _NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _ENV = "VITQUANT_NATIVE"
 
