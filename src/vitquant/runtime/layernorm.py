@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitquant.runtime import native, rows
-from vitquant.runtime.dynamic import DynCodes, DynamicInt8Linear
+from vitquant.runtime.dynamic import DynamicInt8Linear, DynCodes
 from vitquant.runtime.kernels import quantize_act, quantize_fast
 from vitquant.runtime.modules import Int8Linear, _is_active
 
