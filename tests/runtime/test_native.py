@@ -157,6 +157,12 @@ def test_lowered_blocks_normalise_with_the_native_kernel(monkeypatch) -> None:  
         assert (got.int() - want.int()).abs().max() <= 1
 
 
+def test_the_sources_build_where_the_cpu_and_a_compiler_allow() -> None:
+    """A compile error in the shipped C sources must fail here, not skip every native test."""
+    why = native.why_unavailable()
+    assert not why.startswith("build failed"), why
+
+
 def test_bad_operands_are_refused() -> None:
     if not native.available():
         with pytest.raises(ConfigError, match="unavailable"):

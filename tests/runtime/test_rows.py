@@ -195,3 +195,41 @@ def test_row_epilogue_refuses_bad_operands() -> None:
         rows.row_epilogue(y, s, other=torch.zeros(3, 8))
     with pytest.raises(ConfigError, match="do not fit"):
         rows.row_epilogue(y, s, out_dtype=torch.int8, lo=0, hi=255)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_row_epilogue_gelu_quant_is_row_quant_of_torch_gelu(symmetric: bool, smooth: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    m, n = 40, 200  # a tail of 8 columns
+    y = torch.randn(m, n, generator=g) * 300
+    s = torch.rand(m, 1, generator=g) * 0.01 + 1e-3
+    z = None if symmetric else torch.randint(0, 255, (m, 1), generator=g).float()
+    ws = None if symmetric else torch.randn(n, generator=g) * 0.1
+    b = torch.randn(n, generator=g)
+    d = torch.exp(torch.randn(n, generator=g)) if smooth else None
+    a = _act(symmetric)
+    off = 128 if symmetric else 0
+    hidden = F.gelu(_epilogue_ref(y, s, z, ws, b, None))
+    if d is not None:
+        hidden = hidden / d
+    want, s_ref, z_ref = rows.row_quant(
+        hidden, a.qmin, a.qmax, off, symmetric, a.qdiv, a.clip, torch.uint8
+    )
+    y_got = y.clone()
+    codes, s2, z2 = rows.row_epilogue_gelu_quant(
+        y_got, s, zero_point=z, wsum=ws, bias=b, div=d, qmin=a.qmin, qmax=a.qmax, offset=off,
+        symmetric=symmetric, qdiv=a.qdiv, clip=a.clip, dtype=torch.uint8,
+    )  # fmt: skip
+    # the hidden activation left in y: torch's GELU up to its exponential's last bits (which
+    # 1 + erf(u) magnifies where erf(u) is near -1, i.e. for GELU values near 0)
+    atol = 2e-6 / (1.0 if d is None else float(d.min()))
+    torch.testing.assert_close(y_got, hidden, rtol=1e-6, atol=atol)
+    torch.testing.assert_close(s2, s_ref, rtol=1e-6, atol=0)
+    diff = (codes.int() - want.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    with pytest.raises(ConfigError, match="contiguous float32"):
+        rows.row_epilogue_gelu_quant(
+            y.t(), s, qmin=0, qmax=255, offset=0, symmetric=False, qdiv=255, clip=1.0,
+            dtype=torch.uint8,
+        )  # fmt: skip

@@ -230,6 +230,22 @@ class DynamicInt8Linear(nn.Module):
             y = y.add_(bias)
         return self._tail(y, c, other, post, gelu_approximate, out, out_dtype)
 
+    def gelu_codes(self, c: DynCodes, nxt: DynamicInt8Linear) -> DynCodes | None:
+        """``nxt.quantize_input(gelu(self(c)))`` (erf GELU, bias included) in one native pass
+        (:func:`~vitquant.runtime.rows.row_epilogue_gelu_quant`), or None where that kernel
+        does not run (then the caller takes the unfused route)."""
+        if self.backend == "reference" or not self._fast(c.codes) or not nxt._fast(c.codes):
+            return None
+        y = int8_linear(c.codes, 1.0, self.offset, self.weight).reshape(-1, self.out_features)
+        a = nxt.act
+        codes, s, z = rows.row_epilogue_gelu_quant(
+            y, c.scale, zero_point=None if self.act.symmetric else c.zero_point,
+            wsum=None if self.act.symmetric else self.wsum, bias=self.bias, div=nxt.smooth,
+            qmin=a.qmin, qmax=a.qmax, offset=nxt.offset, symmetric=a.symmetric, qdiv=a.qdiv,
+            clip=a.clip, dtype=nxt.dtype,
+        )  # fmt: skip
+        return DynCodes(codes, s, z, c.lead)
+
     def _tail(
         self,
         y: Tensor,

@@ -340,6 +340,8 @@ class Int8Mlp(nn.Module):
         #: fc1's epilogue writes fc2's input codes (fixed grids only; else GELU in the epilogue
         #: and fc2 quantizes the float hidden activation)
         self.requant = self.fuse_gelu and not fc1.dynamic and not fc2.dynamic
+        #: both per token, erf GELU: rows.row_epilogue_gelu_quant
+        self.gelu_rows = self.fuse_gelu and fc1.dynamic and fc2.dynamic and approx == "none"
         self.fc2_scale: Tensor | None = None
         self.fc2_bias = fc2.bias
         if fc2_gamma is not None:
@@ -359,6 +361,8 @@ class Int8Mlp(nn.Module):
                 xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx,
                 out=fc2.act, out_dtype=fc2.dtype, out_div=fc2.in_div,
             )  # fmt: skip
+        elif self.gelu_rows and (rows := fc1.gelu_codes(xq, fc2)) is not None:
+            hq = rows  # fc1's epilogue, GELU and fc2's per-token quantization in one pass
         elif self.fuse_gelu:
             hidden = fc1.forward_codes(
                 xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx

@@ -160,6 +160,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 2
         + [ctypes.c_float] + [ctypes.c_int] * 4 + [ctypes.c_float] * 2
     )  # fmt: skip
+    lib.vq_row_epilogue_gelu_quant.restype = None
+    lib.vq_row_epilogue_gelu_quant.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int64]
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_float] * 2
+    )  # fmt: skip
     lib.vq_row_epilogue.restype = None
     lib.vq_row_epilogue.argtypes = (
         [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64]

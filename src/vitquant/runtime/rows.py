@@ -14,7 +14,9 @@ float intermediate is written.
   the normalised row (a linear with per-token inputs after a LayerNorm: ``qkv``, ``fc1``);
 * :func:`row_epilogue`: what a GEMM on per-token codes still owes after oneDNN's per-tensor
   kernel (row scale, zero-point correction, bias, residual), in one pass, written as float32,
-  bfloat16 or the codes of the next op (``qkv``'s output as the q/k/v codes of attention).
+  bfloat16 or the codes of the next op (``qkv``'s output as the q/k/v codes of attention);
+* :func:`row_epilogue_gelu_quant`: the same epilogue after ``fc1``, GELU, and ``fc2``'s per-token
+  input quantization, one row at a time in L1 (the float hidden activation is never written out).
 
 All raise :class:`~vitquant.errors.ConfigError` when the library is unavailable
 (:func:`vitquant.runtime.native.why_unavailable`) or the operands do not fit.
@@ -28,7 +30,10 @@ from torch import Tensor
 from vitquant.errors import ConfigError
 from vitquant.runtime.native import library
 
-__all__ = ["layernorm_quant", "row_quant", "layernorm_row_quant", "row_epilogue"]
+__all__ = [
+    "layernorm_quant", "row_quant", "layernorm_row_quant", "row_epilogue",
+    "row_epilogue_gelu_quant",
+]  # fmt: skip
 
 
 def _rows(x: Tensor, what: str) -> Tensor:
@@ -228,6 +233,62 @@ def row_epilogue(
             out.data_ptr(), out.stride(0), mode, int(lo), int(hi),
         )  # fmt: skip
     return out
+
+
+def row_epilogue_gelu_quant(
+    y: Tensor,
+    scale: Tensor,
+    *,
+    zero_point: Tensor | None = None,
+    wsum: Tensor | None = None,
+    bias: Tensor | None = None,
+    div: Tensor | None = None,
+    qmin: int,
+    qmax: int,
+    offset: int,
+    symmetric: bool,
+    qdiv: float,
+    clip: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`row_quant` of ``gelu((y - zero_point * wsum) * scale + bias) / div`` (erf GELU),
+    row by row in L1; ``y`` is overwritten with the hidden activation.
+
+    GELU is computed as torch's CPU kernel computes it (the same erf approximation and order of
+    operations) but for its exponential (Cephes' polynomial, torch's Sleef's), so a value may
+    differ in its last bit and a code by one step where it lies on a rounding midpoint.
+
+    Args:
+        y, scale, zero_point, wsum, bias: as :func:`row_epilogue`'s.
+        div: ``[N]`` divisors of the next layer's input (its SmoothQuant factors), or None.
+        qmin, qmax, offset, symmetric, qdiv, clip, dtype: the next layer's grid, as
+            :func:`row_quant`'s.
+
+    Returns:
+        ``(codes [M, N], scale [M, 1], zero point [M, 1])`` of the hidden activation.
+    """
+    lib = library()
+    if y.dtype != torch.float32 or y.dim() != 2 or y.device.type != "cpu" or not y.is_contiguous():
+        raise ConfigError("row_epilogue_gelu_quant takes a contiguous float32 CPU matrix")
+    m, n = y.shape
+    if (zero_point is None) != (wsum is None):
+        raise ConfigError("row_epilogue_gelu_quant: a zero point needs wsum, and wsum a zero point")
+    what = "row_epilogue_gelu_quant"
+    s = _vector(scale, m, what)
+    z = None if zero_point is None else _vector(zero_point, m, what)
+    ws = None if wsum is None else _vector(wsum, n, what)
+    b = None if bias is None else _vector(bias, n, what)
+    d = None if div is None else _vector(div, n, what)
+    args = _dyn_args(what, qmin, qmax, offset, symmetric, qdiv, clip, dtype)
+    out = torch.empty((m, n), dtype=dtype)
+    s2 = torch.empty((m, 1), dtype=torch.float32)
+    z2 = torch.empty((m, 1), dtype=torch.float32)
+    if y.numel():
+        lib.vq_row_epilogue_gelu_quant(
+            y.data_ptr(), m, n, y.stride(0), s.data_ptr(), _ptr(z), _ptr(ws), _ptr(b), _ptr(d),
+            out.data_ptr(), n, s2.data_ptr(), z2.data_ptr(), *args,
+        )  # fmt: skip
+    return out, s2, z2
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -228,3 +228,61 @@ void vq_row_epilogue(const float *Y, int64_t rows, int64_t n, int64_t sy, const 
         }
     }
 }
+
+/* GELU (erf form) as torch's CPU kernel computes it: (x * 0.5) * (1 + erf(x * sqrt(1/2))), erf
+ * by the Abramowitz-Stegun 7.1.26 form of ATen's Vectorized<float>::erf with the same operations
+ * in the same order (its exponential is Cephes' here, Sleef's there: within an ulp or two). */
+static inline __m512 xor_ps(__m512 a, __m512 b) /* without AVX512DQ */
+{
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+
+static inline __m512 gelu_erf(__m512 x)
+{
+    const __m512 neg0 = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f));
+    const __m512 sign = _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(neg0), _mm512_castps_si512(u)));
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f),
+                                                        _mm512_abs_ps(u), one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    const __m512 e = xor_ps(neg0, exp_neg(xor_ps(neg0, _mm512_mul_ps(u, u))));
+    const __m512 erf = xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+
+/* fc1's epilogue on per-token codes fused with fc2's per-token input quantization, per row r:
+ *   h = gelu((Y[r, :] - Z[r] * WS) * S[r] + B) / D
+ * (Z and WS, B, D optional: NULL; D a SmoothQuant divisor of fc2's input), written over Y's row
+ * while it sits in L1, then quantized as vq_row_quant does (grid in S2[r], Z2[r], codes in O with
+ * row stride so). No float hidden activation leaves the cache. */
+void vq_row_epilogue_gelu_quant(float *Y, int64_t rows, int64_t n, int64_t sy, const float *S,
+                                const float *Z, const float *WS, const float *B, const float *D,
+                                uint8_t *O, int64_t so, float *S2, float *Z2, int symmetric,
+                                int qmin, int qmax, int off, float qdiv, float clip)
+{
+    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip};
+#pragma omp parallel for schedule(static) PAR_ROWS(rows, n)
+    for (int64_t r = 0; r < rows; r++) {
+        float *y = Y + r * sy;
+        const __m512 vs = _mm512_set1_ps(S[r]);
+        const __m512 vz = _mm512_set1_ps(Z ? Z[r] : 0.0f);
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 m = tail_mask(n - j);
+            __m512 t = _mm512_maskz_loadu_ps(m, y + j);
+            if (Z)
+                t = _mm512_sub_ps(t, _mm512_mul_ps(vz, _mm512_maskz_loadu_ps(m, WS + j)));
+            t = _mm512_mul_ps(t, vs);
+            if (B)
+                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, B + j));
+            t = gelu_erf(t);
+            if (D)
+                t = _mm512_div_ps(t, _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, D + j));
+            _mm512_mask_storeu_ps(y + j, m, t);
+        }
+        dyn_row(y, O + r * so, n, 0, NULL, &d, S2 + r, Z2 + r);
+    }
+}
