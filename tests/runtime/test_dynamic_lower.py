@@ -181,6 +181,8 @@ def test_fused_blocks_keep_the_fast_attention_with_dynamic_inputs(backend: str) 
         if type(b).__name__ == "Int8Block":
             assert isinstance(b.ln1, LayerNormRowQuant) and isinstance(b.ln2, LayerNormRowQuant)
             assert b.attn.qkv_codes is not None
+            # attn·v as int32 rows for proj's per-token grids, where the native kernels run
+            assert b.attn.av_rows == (native.available() and b.attn.av.method == "vnni")
     with torch.no_grad():
         y_fq, y = m(x), low(x)
     assert float(torch.nn.functional.cosine_similarity(y.flatten(), y_fq.flatten(), 0)) > 0.9999

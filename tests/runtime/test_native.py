@@ -62,6 +62,11 @@ def test_vnni_bmm_reads_the_qkv_epilogues_strided_views() -> None:
     p = _codes(b, h, n, n, gen=gen)
     assert torch.equal(native.vnni_bmm(q, k.transpose(-2, -1)), _ref(q, k.transpose(-2, -1)))
     assert torch.equal(native.vnni_bmm(p, v), _ref(p, v))
+    # heads last: [B, N, H, D], the order proj reads attention's output in
+    last = native.vnni_bmm(p, v, heads_last=True)
+    assert last.is_contiguous() and torch.equal(last, _ref(p, v).permute(0, 2, 1, 3))
+    with pytest.raises(ConfigError, match="heads_last"):
+        native.vnni_bmm(p[0], v[0], heads_last=True)
     # the int_bmm entry point takes the same route and broadcasts batch dimensions
     w = _codes(1, 1, 64, 8, gen=gen)
     assert torch.equal(int_bmm(q, w, method="vnni"), _ref(q, w.expand(b, h, 64, 8)))
@@ -276,7 +281,9 @@ def test_built_once_into_the_cache_and_reused(tmp_path) -> None:  # noqa: ANN001
 def test_a_failing_compiler_falls_back_with_the_reason(tmp_path) -> None:  # noqa: ANN001
     """A compiler that fails (here ``CC=false``) leaves the kernel unavailable with the reason,
     and ``lower`` still works (the ISA's fallback method)."""
-    code = _SUBPROCESS + """
+    code = (
+        _SUBPROCESS
+        + """
 import copy
 from vitquant.models import create_model
 from vitquant.quant import QuantConfig, calibrate, prepare
@@ -286,6 +293,7 @@ low = lower(copy.deepcopy(q), warn=False)
 print("attention", lowering_report(low)["attention"])
 print("shape", tuple(low(torch.randn(2, 1, 28, 28)).shape))
 """
+    )
     false = "/bin/false" if os.path.exists("/bin/false") else "false"
     env = {"CC": false, "VITQUANT_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
     res = _run(env, code)

@@ -233,3 +233,18 @@ def test_row_epilogue_gelu_quant_is_row_quant_of_torch_gelu(symmetric: bool, smo
             y.t(), s, qmin=0, qmax=255, offset=0, symmetric=False, qdiv=255, clip=1.0,
             dtype=torch.uint8,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_row_quant_of_int32_products_is_that_of_their_float_values(symmetric: bool) -> None:
+    """int32 rows (attn·v products) with a multiplier: the codes of ``torch.mul(x, mul)``."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-(2**20), 2**20, (30, 2 * 70), generator=g, dtype=torch.int32)[:, ::2]
+    a = _act(symmetric)
+    off, mul = (128 if symmetric else 0), 3.7e-5
+    got = rows.row_quant(x, a.qmin, a.qmax, off, symmetric, a.qdiv, a.clip, torch.uint8, mul=mul)
+    want = rows.row_quant(
+        torch.mul(x, mul).float(), a.qmin, a.qmax, off, symmetric, a.qdiv, a.clip, torch.uint8
+    )
+    for g_, w_ in zip(got, want, strict=True):
+        assert torch.equal(g_, w_)

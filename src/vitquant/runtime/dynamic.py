@@ -171,16 +171,16 @@ class DynamicInt8Linear(nn.Module):
             x2 = x2.float() / self.smooth
         return self.row_codes(x2, lead)
 
-    def row_codes(self, x2: Tensor, lead: tuple[int, ...]) -> DynCodes:
+    def row_codes(self, x2: Tensor, lead: tuple[int, ...], mul: float = 1.0) -> DynCodes:
         """The codes of the rows ``x2 [M, K]`` (already smoothed) of an input shaped
-        ``[*lead, K]``."""
+        ``[*lead, K]``; int32 ``x2`` (integer products) stands for ``torch.mul(x2, mul)``."""
         if self._fast(x2):
             a = self.act
             codes, s, z = rows.row_quant(
-                x2, a.qmin, a.qmax, self.offset, a.symmetric, a.qdiv, a.clip, self.dtype
+                x2, a.qmin, a.qmax, self.offset, a.symmetric, a.qdiv, a.clip, self.dtype, mul=mul
             )
             return DynCodes(codes, s, z, lead)
-        x2 = x2.float()
+        x2 = torch.mul(x2, mul).float() if x2.dtype == torch.int32 else x2.float()
         s, z = self.act.grid(x2)
         q = torch.round(x2 / s).add_(z).clamp_(self.act.qmin, self.act.qmax)
         if self.offset:

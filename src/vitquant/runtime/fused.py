@@ -137,6 +137,8 @@ class Int8Attention(nn.Module):
         #: (mul, scale, zero point, lo, hi, dtype) of the native attn·v kernel that quantizes
         #: for ``proj`` in its epilogue
         self.av_codes = self._fused_av()
+        #: attn·v as int32 rows in ``[B, N, H·D]`` order for a per-token ``proj`` (native)
+        self.av_rows = self._av_rows()
         # probabilities are in [0, 1]: their codes need no clamp when 1 maps inside the grid
         self.p_clamp = True
         if self.av is not None:
@@ -207,6 +209,13 @@ class Int8Attention(nn.Module):
             return None
         return av.a.scale * av.b.scale, pa.scale, pa.zero_point + off, lo, hi, p.dtype
 
+    def _av_rows(self) -> bool:
+        av, p = self.av, self.proj
+        if av is None or av.method != "vnni" or self.backend == "reference" or not p.dynamic:
+            return False
+        zp = av.a.zero_point + av.a.offset(torch.int8) or av.b.zero_point + av.b.offset(torch.int8)
+        return not zp and av.output_quantizer is None and p.smooth is None and native.available()
+
     def forward(
         self, x: Tensor, residual: Tensor | None = None, xq: Tensor | None = None
     ) -> Tensor:
@@ -274,6 +283,10 @@ class Int8Attention(nn.Module):
             else:
                 oq = native.vnni_bmm_quant(pq, v8, *self.av_codes, heads_last=True)
             return self._proj(oq.reshape(b, n, c), residual)
+        if self.av_rows and not torch.compiler.is_compiling():  # int32 rows in proj order
+            acc = native.vnni_bmm(pq, v8, heads_last=True).reshape(b * n, c)
+            oq = self.proj.row_codes(acc, (b, n), mul=av.a.scale * av.b.scale)  # type: ignore[union-attr]
+            return self._proj(oq, residual)
         acc = av.product(pq, v8)
         pa = self.proj.act
         if self.proj.dynamic or self.proj.in_div is not None:  # per-channel or per-token grids

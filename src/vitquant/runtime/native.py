@@ -153,7 +153,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     )  # fmt: skip
     lib.vq_row_quant.restype = None
     lib.vq_row_quant.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 3
     )
     lib.vq_layernorm_row_quant.restype = None
     lib.vq_layernorm_row_quant.argtypes = (
@@ -212,18 +212,26 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def vnni_bmm(a: Tensor, b: Tensor) -> Tensor:
+def vnni_bmm(a: Tensor, b: Tensor, *, heads_last: bool = False) -> Tensor:
     """Exact ``a @ b`` of integer codes with int32 results, all batch entries in one call.
 
     Args:
         a: int8 or uint8 ``[..., M, K]`` (rows contiguous).
         b: int8 ``[..., K, N]`` with rows or columns contiguous (``k.transpose(-2, -1)`` of a
             row-major ``k`` is read in place); batch dimensions equal ``a``'s.
+        heads_last: 4-D operands ``[B, H, M, K] @ [B, H, K, N]``; the result is laid out as
+            ``[B, M, H, N]`` (contiguous), as :func:`vnni_bmm_quant`'s.
 
     Raises:
         ConfigError: the kernel is unavailable (see :func:`why_unavailable`), or the operands
             are not CPU integer codes of matching shapes.
     """
+    if heads_last:
+        if a.dim() != 4:
+            raise ConfigError("vnni_bmm: heads_last takes [B, H, M, K] operands")
+        out = torch.empty(a.shape[0], a.shape[2], a.shape[1], b.shape[-1], dtype=torch.int32)
+        _bmm(a, b, out.permute(0, 2, 1, 3), None)
+        return out
     out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=torch.int32)
     _bmm(a, b, out, None)
     return out

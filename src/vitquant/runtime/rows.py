@@ -36,9 +36,10 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _rows(x: Tensor, what: str) -> Tensor:
-    """``x`` as float32/bfloat16 CPU rows ``[M, C]`` with contiguous elements (a view if it can)."""
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+def _rows(x: Tensor, what: str, *more: torch.dtype) -> Tensor:
+    """``x`` as float32/bfloat16 (or ``more``) CPU rows ``[M, C]`` with contiguous elements (a
+    view if it can)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, *more) or x.device.type != "cpu":
         raise ConfigError(f"{what} takes float32/bfloat16 CPU tensors, got {x.dtype}")
     c = x.shape[-1]
     x2 = x.reshape(-1, c) if x.dim() != 2 else x
@@ -107,11 +108,14 @@ def row_quant(
     qdiv: float,
     clip: float,
     dtype: torch.dtype,
+    *,
+    mul: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row grids and codes of ``x`` (:func:`~vitquant.quant.primitives.token_qparams`).
 
     Args:
-        x: float32 or bfloat16 ``[..., C]``.
+        x: float32 or bfloat16 ``[..., C]``, or int32 products (attn·v) whose values are
+            ``torch.mul(x, mul)`` in float32.
         qmin, qmax: the grid.
         offset: added to the codes for storage (128 stores a signed grid as uint8).
         symmetric: ``scale = max(clip * max|row|, 1e-12) / qdiv`` and zero point 0; else the
@@ -127,8 +131,9 @@ def row_quant(
         ``x``; codes ``clamp(round(x / scale) + zero_point, qmin, qmax) + offset``.
     """
     lib = library()
-    x2 = _rows(x, "row_quant")
+    x2 = _rows(x, "row_quant", torch.int32)
     args = _dyn_args("row_quant", qmin, qmax, offset, symmetric, qdiv, clip, dtype)
+    kind = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2}[x2.dtype]
     rows, c = x2.shape
     out = torch.empty((rows, c), dtype=dtype)
     scale = torch.empty((rows, 1), dtype=torch.float32)
@@ -136,7 +141,7 @@ def row_quant(
     if out.numel():
         lib.vq_row_quant(
             x2.data_ptr(), out.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, c,
-            x2.stride(0), c, int(x.dtype == torch.bfloat16), *args,
+            x2.stride(0), c, kind, *args, float(mul),
         )  # fmt: skip
     return out, scale, zero
 

@@ -14,13 +14,16 @@ static inline __mmask16 tail_mask(int64_t left)
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
 
-/* x[j..j+16) of one row as float32 (bfloat16 rows are widened: a bfloat16 is the high half). */
-static inline __m512 load_row(const void *x, int64_t j, __mmask16 m, int bf16)
+/* x[j..j+16) of one row as float32: kind 0 float32; 1 bfloat16 (widened: a bfloat16 is the
+ * high half); 2 int32 (converted). */
+static inline __m512 load_row(const void *x, int64_t j, __mmask16 m, int kind)
 {
-    if (bf16) {
+    if (kind == 1) {
         const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)x + j);
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
+    if (kind == 2)
+        return _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, (const int32_t *)x + j));
     return _mm512_maskz_loadu_ps(m, (const float *)x + j);
 }
 

@@ -8,8 +8,8 @@
  *   dynamic activations): row scale, zero-point correction, bias and residual, written as float32,
  *   bfloat16 or the codes of the next op.
  *
- * Rows are float32 or bfloat16 (widened to float32 on load); statistics in float32 as torch's CPU
- * kernels; rounding half to even. */
+ * Rows are float32 or bfloat16 (widened to float32 on load; int32 products, scaled, for
+ * vq_row_quant); statistics in float32 as torch's CPU kernels; rounding half to even. */
 #include "common.h"
 
 #define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -106,17 +106,21 @@ void vq_layernorm_quant(const void *X, uint8_t *Y, int64_t rows, int64_t c, int6
 typedef struct {
     int symmetric, qmin, qmax, off;
     float qdiv, clip;
+    float mul; /* int32 rows (kind 2): their values are (float)x * mul */
 } Dyn;
 
 /* One row's grid (in *s, *z) and codes, its values normalised first when ln is given. Division
  * and rounding as torch's, so the codes of a plain row equal the fake quantizer's. */
-static inline void dyn_row(const void *x, uint8_t *y, int64_t c, int bf16, const Ln *ln,
+static inline void dyn_row(const void *x, uint8_t *y, int64_t c, int kind, const Ln *ln,
                            const Dyn *d, float *s_out, float *z_out)
 {
+    const __m512 vmul = _mm512_set1_ps(d->mul);
+#define VALUE(j, m)                                                                           \
+    (kind == 2 ? _mm512_mul_ps(row_value(x, j, m, kind, ln), vmul) : row_value(x, j, m, kind, ln))
     __m512 vmax = _mm512_set1_ps(-INFINITY), vmin = _mm512_set1_ps(INFINITY);
     for (int64_t j = 0; j < c; j += 16) {
         const __mmask16 m = tail_mask(c - j);
-        const __m512 v = row_value(x, j, m, bf16, ln);
+        const __m512 v = VALUE(j, m);
         vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
         vmin = _mm512_mask_min_ps(vmin, m, vmin, v);
     }
@@ -137,24 +141,25 @@ static inline void dyn_row(const void *x, uint8_t *y, int64_t c, int bf16, const
     const __m512i voff = _mm512_set1_epi32(d->off);
     for (int64_t j = 0; j < c; j += 16) {
         const __mmask16 m = tail_mask(c - j);
-        const __m512 v = row_value(x, j, m, bf16, ln);
+        const __m512 v = VALUE(j, m);
         const __m512 q = _mm512_add_ps(_mm512_roundscale_ps(_mm512_div_ps(v, vs), RNE), vz);
         __m512i k = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(q), vlo), vhi);
         store_bytes(y + j, _mm512_add_epi32(k, voff), m);
     }
+#undef VALUE
 }
 
-/* Per-token quantization of the rows of X ([rows, c], row stride sx): grids in S[r], Z[r] and
- * codes in Y (row stride sy), as Dyn describes. */
+/* Per-token quantization of the rows of X ([rows, c], row stride sx; x_kind as load_row's,
+ * int32 values times mul): grids in S[r], Z[r] and codes in Y (row stride sy), as Dyn says. */
 void vq_row_quant(const void *X, uint8_t *Y, float *S, float *Z, int64_t rows, int64_t c,
-                  int64_t sx, int64_t sy, int x_bf16, int symmetric, int qmin, int qmax, int off,
-                  float qdiv, float clip)
+                  int64_t sx, int64_t sy, int x_kind, int symmetric, int qmin, int qmax, int off,
+                  float qdiv, float clip, float mul)
 {
-    const size_t esize = x_bf16 ? 2 : 4;
-    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip};
+    const size_t esize = x_kind == 1 ? 2 : 4;
+    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip, mul};
 #pragma omp parallel for schedule(static) PAR_ROWS(rows, c)
     for (int64_t r = 0; r < rows; r++)
-        dyn_row((const char *)X + (size_t)(r * sx) * esize, Y + r * sy, c, x_bf16, NULL, &d, S + r,
+        dyn_row((const char *)X + (size_t)(r * sx) * esize, Y + r * sy, c, x_kind, NULL, &d, S + r,
                 Z + r);
 }
 
@@ -167,7 +172,7 @@ void vq_layernorm_row_quant(const void *X, uint8_t *Y, float *S, float *Z, int64
                             float qdiv, float clip)
 {
     const size_t esize = x_bf16 ? 2 : 4;
-    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip};
+    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip, 1.0f};
 #pragma omp parallel for schedule(static) PAR_ROWS(rows, c)
     for (int64_t r = 0; r < rows; r++) {
         const void *x = (const char *)X + (size_t)(r * sx) * esize;
@@ -264,7 +269,7 @@ void vq_row_epilogue_gelu_quant(float *Y, int64_t rows, int64_t n, int64_t sy, c
                                 uint8_t *O, int64_t so, float *S2, float *Z2, int symmetric,
                                 int qmin, int qmax, int off, float qdiv, float clip)
 {
-    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip};
+    const Dyn d = {symmetric, qmin, qmax, off, qdiv, clip, 1.0f};
 #pragma omp parallel for schedule(static) PAR_ROWS(rows, n)
     for (int64_t r = 0; r < rows; r++) {
         float *y = Y + r * sy;
