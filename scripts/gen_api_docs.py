@@ -58,6 +58,7 @@ MODULES = (
     "vitquant.export.torch_export",
     "vitquant.runtime",
     "vitquant.runtime.native",
+    "vitquant.runtime.rows",
     "vitquant.registry",
     "vitquant.demo",
     "vitquant.lm",
