@@ -135,9 +135,7 @@ def row_quant(
     args = _dyn_args("row_quant", qmin, qmax, offset, symmetric, qdiv, clip, dtype)
     kind = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2}[x2.dtype]
     rows, c = x2.shape
-    out = torch.empty((rows, c), dtype=dtype)
-    scale = torch.empty((rows, 1), dtype=torch.float32)
-    zero = torch.empty((rows, 1), dtype=torch.float32)
+    out, scale, zero = _row_outputs(rows, c, dtype)
     if out.numel():
         lib.vq_row_quant(
             x2.data_ptr(), out.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, c,
@@ -172,9 +170,7 @@ def layernorm_row_quant(
     rows, c = x2.shape
     w, b = _vector(weight, c, "layernorm_row_quant"), _vector(bias, c, "layernorm_row_quant")
     args = _dyn_args("layernorm_row_quant", qmin, qmax, offset, symmetric, qdiv, clip, dtype)
-    out = torch.empty((rows, c), dtype=dtype)
-    scale = torch.empty((rows, 1), dtype=torch.float32)
-    zero = torch.empty((rows, 1), dtype=torch.float32)
+    out, scale, zero = _row_outputs(rows, c, dtype)
     if out.numel():
         lib.vq_layernorm_row_quant(
             x2.data_ptr(), out.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, c,
@@ -285,15 +281,22 @@ def row_epilogue_gelu_quant(
     b = None if bias is None else _vector(bias, n, what)
     d = None if div is None else _vector(div, n, what)
     args = _dyn_args(what, qmin, qmax, offset, symmetric, qdiv, clip, dtype)
-    out = torch.empty((m, n), dtype=dtype)
-    s2 = torch.empty((m, 1), dtype=torch.float32)
-    z2 = torch.empty((m, 1), dtype=torch.float32)
+    out, s2, z2 = _row_outputs(m, n, dtype)
     if y.numel():
         lib.vq_row_epilogue_gelu_quant(
             y.data_ptr(), m, n, y.stride(0), s.data_ptr(), _ptr(z), _ptr(ws), _ptr(b), _ptr(d),
             out.data_ptr(), n, s2.data_ptr(), z2.data_ptr(), *args,
         )  # fmt: skip
     return out, s2, z2
+
+
+def _row_outputs(rows: int, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty codes ``[rows, c]`` and float32 row scales and zero points ``[rows, 1]``."""
+    grid = (
+        torch.empty((rows, 1), dtype=torch.float32),
+        torch.empty((rows, 1), dtype=torch.float32),
+    )
+    return torch.empty((rows, c), dtype=dtype), *grid
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -193,6 +193,20 @@ static inline __m256i to_bf16(__m512 v)
     return _mm512_cvtepi32_epi16(r);
 }
 
+/* (y[j..j+16) - z * WS[j..]) * s + B[j..] (Z/WS and B optional), the row-scale epilogue's value
+ * in the order of torch's sub_, mul_, add_. */
+static inline __m512 epi_value(const float *y, int64_t j, __mmask16 m, __m512 vs, __m512 vz,
+                               const float *Z, const float *WS, const float *B)
+{
+    __m512 t = _mm512_maskz_loadu_ps(m, y + j);
+    if (Z)
+        t = _mm512_sub_ps(t, _mm512_mul_ps(vz, _mm512_maskz_loadu_ps(m, WS + j)));
+    t = _mm512_mul_ps(t, vs);
+    if (B)
+        t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, B + j));
+    return t;
+}
+
 /* The epilogue of a GEMM on per-token codes, for every row r and column n:
  *   t = (Y[r, n] - Z[r] * WS[n]) * S[r] + B[n] + R[r, n]
  * (Z and WS, B, R optional: NULL), in the order of torch's sub_, mul_, add_, add, so mode 0 is
@@ -213,12 +227,7 @@ void vq_row_epilogue(const float *Y, int64_t rows, int64_t n, int64_t sy, const 
         const __m512i vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 m = tail_mask(n - j);
-            __m512 t = _mm512_maskz_loadu_ps(m, y + j);
-            if (Z)
-                t = _mm512_sub_ps(t, _mm512_mul_ps(vz, _mm512_maskz_loadu_ps(m, WS + j)));
-            t = _mm512_mul_ps(t, vs);
-            if (B)
-                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, B + j));
+            __m512 t = epi_value(y, j, m, vs, vz, Z, WS, B);
             if (res)
                 t = _mm512_add_ps(t, load_row(res, j, m, r_bf16));
             if (mode == 0) {
@@ -277,12 +286,7 @@ void vq_row_epilogue_gelu_quant(float *Y, int64_t rows, int64_t n, int64_t sy, c
         const __m512 vz = _mm512_set1_ps(Z ? Z[r] : 0.0f);
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 m = tail_mask(n - j);
-            __m512 t = _mm512_maskz_loadu_ps(m, y + j);
-            if (Z)
-                t = _mm512_sub_ps(t, _mm512_mul_ps(vz, _mm512_maskz_loadu_ps(m, WS + j)));
-            t = _mm512_mul_ps(t, vs);
-            if (B)
-                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, B + j));
+            __m512 t = epi_value(y, j, m, vs, vz, Z, WS, B);
             t = gelu_erf(t);
             if (D)
                 t = _mm512_div_ps(t, _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, D + j));
