@@ -11,6 +11,9 @@ printing medians and the ratio to plain ft1. The CPU and its ISA flags go into t
 Example:
     PYTHONPATH=src python benchmarks/bench_ptq_lowered.py --model deit_small_patch16_224 \\
         --batch-size 8 --repeats 10 --out benchmarks/results/ptq_lowered_deit_s.json
+
+``--kernel-times`` adds the time each native kernel takes per forward (after the timing rounds,
+with timers around the kernels).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,8 @@ from torch import Tensor, nn
 
 import vitquant
 from vitquant.quant import QuantConfig, calibrate, prepare
-from vitquant.runtime import lower, lowering_report
+from vitquant.runtime import lower, lowering_report, native
+from vitquant.runtime import rows as rows_mod
 
 RECIPES: dict[str, QuantConfig] = {
     "ft1 (plain int8)": QuantConfig("ft1", 8, 8),
@@ -52,6 +57,42 @@ def timed(model: nn.Module, x: Tensor) -> float:
     return time.perf_counter() - t0
 
 
+KERNELS = {
+    rows_mod: ("layernorm_quant", "layernorm_row_quant", "row_quant", "row_epilogue",
+               "row_epilogue_gelu_quant"),
+    native: ("qk_softmax", "vnni_bmm", "vnni_bmm_quant"),
+}  # fmt: skip
+
+
+@torch.no_grad()
+def kernel_times(model: nn.Module, x: Tensor, repeats: int = 4) -> dict[str, float]:
+    """Milliseconds per forward spent in each native kernel (wrapped with timers while it runs;
+    the modules call them through their modules' attributes)."""
+    spent: dict[str, float] = {}
+    saved = []
+
+    def timer(name: str, f: Any) -> Any:
+        def run(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            out = f(*a, **kw)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        return run
+
+    for mod, names in KERNELS.items():
+        for name in names:
+            saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, timer(name, getattr(mod, name)))
+    try:
+        for _ in range(repeats):
+            model(x)
+    finally:
+        for mod, name, f in saved:
+            setattr(mod, name, f)
+    return {k: round(1e3 * v / repeats, 2) for k, v in sorted(spent.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="deit_small_patch16_224")
@@ -59,6 +100,10 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--kernel-times", action="store_true",
+        help="also time the native row and attention kernels inside each lowered model",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,6 +146,10 @@ def main() -> None:
         print(f"{n:30s} {1e3 * med:8.1f} ms  x{med / base:5.2f} of plain   cosine {r['cosine']:.5f}"
               f"  top-1 agreement {r['top1_agreement']:.3f}  smoothed {len(r['smoothed'])}",
               flush=True)  # fmt: skip
+    if args.kernel_times:
+        for n, m in lowered.items():
+            rows[n]["kernel_ms"] = kernel_times(m, x)
+            print(f"{n:30s} native kernels, ms per forward: {rows[n]['kernel_ms']}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report = {"model": args.model, "batch": args.batch_size, "threads": args.threads,
