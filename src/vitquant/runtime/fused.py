@@ -199,7 +199,7 @@ class Int8Attention(nn.Module):
             return None
         if av.output_quantizer is not None or p.in_div is not None:
             return None
-        if av.a.zero_point + av.a.offset(torch.int8) or av.b.zero_point + av.b.offset(torch.int8):
+        if not self._av_unshifted():
             return None
         pa = p.act
         off = pa.offset(p.dtype)
@@ -213,8 +213,17 @@ class Int8Attention(nn.Module):
         av, p = self.av, self.proj
         if av is None or av.method != "vnni" or self.backend == "reference" or not p.dynamic:
             return False
-        zp = av.a.zero_point + av.a.offset(torch.int8) or av.b.zero_point + av.b.offset(torch.int8)
-        return not zp and av.output_quantizer is None and p.smooth is None and native.available()
+        unshifted = self._av_unshifted()
+        return unshifted and av.output_quantizer is None and p.smooth is None and native.available()
+
+    def _av_unshifted(self) -> bool:
+        """attn·v's operands are stored as int8 with zero points of zero (the native kernels'
+        operands)."""
+        av = self.av
+        assert av is not None
+        return not (
+            av.a.zero_point + av.a.offset(torch.int8) or av.b.zero_point + av.b.offset(torch.int8)
+        )
 
     def forward(
         self, x: Tensor, residual: Tensor | None = None, xq: Tensor | None = None
@@ -374,8 +383,8 @@ class Int8Mlp(nn.Module):
                 xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx,
                 out=fc2.act, out_dtype=fc2.dtype, out_div=fc2.in_div,
             )  # fmt: skip
-        elif self.gelu_rows and (rows := fc1.gelu_codes(xq, fc2)) is not None:
-            hq = rows  # fc1's epilogue, GELU and fc2's per-token quantization in one pass
+        elif self.gelu_rows and (codes := fc1.gelu_codes(xq, fc2)) is not None:
+            hq = codes  # fc1's epilogue, GELU and fc2's per-token quantization in one pass
         elif self.fuse_gelu:
             hidden = fc1.forward_codes(
                 xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx
