@@ -19,6 +19,7 @@ from vitquant.quant.primitives import (
     fake_quant_ste,
     floor_ste,
     grad_scale,
+    integer_matmul,
     qparams_from_minmax,
     qrange,
     quantize,
@@ -257,3 +258,28 @@ def test_expand_to():
     t = torch.ones(())
     assert expand_to(t, x, None) is t and expand_to(t, x, 0) is t
     assert np.array_equal(expand_to(torch.arange(2.0), x, 0).reshape(-1).numpy(), [0.0, 1.0])
+
+
+@pytest.mark.parametrize("bits,k", [(4, 197), (8, 197), (8, 2048)])
+def test_integer_matmul_is_the_exact_integer_sum_rounded_once(bits, k):
+    """numpy's int64 sum cast to float32 (as int32 accumulators are), times the scale rounded
+    to float32; independent of the summation order, unlike the sum of dequantized floats. At
+    K=2048 the bound passes 2**24 and the sum runs in float64."""
+    g = torch.Generator().manual_seed(bits + k)
+    lo, hi = qrange(bits, signed=True)
+    a = torch.randint(0, 2 * hi + 1, (3, 5, k), generator=g).float()  # unsigned codes
+    b = torch.randint(lo, hi + 1, (3, k, 7), generator=g).float()
+    scale = torch.tensor(0.0123, dtype=torch.float64) * torch.tensor(0.731, dtype=torch.float64)
+    bound = k * (2 * hi) * (hi - lo)
+    exact = np.matmul(a.numpy().astype(np.int64), b.numpy().astype(np.int64))
+    want = exact.astype(np.float32) * np.float32(scale.item())
+    got = integer_matmul(a, b, scale, bound)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want)
+    perm = torch.randperm(k, generator=g)  # another summation order: the same bits
+    assert torch.equal(integer_matmul(a[..., perm], b[:, perm], scale, bound), got)
+    if k == 2048:  # float64 operands: the sum and the scale stay in float64
+        assert bound >= 2**24
+        assert torch.equal(
+            integer_matmul(a.double(), b.double(), scale, bound).float(),
+            torch.from_numpy(exact.astype(np.float64) * scale.item()).float(),
+        )

@@ -186,3 +186,36 @@ def test_fused_blocks_keep_the_fast_attention_with_dynamic_inputs(backend: str) 
     with torch.no_grad():
         y_fq, y = m(x), low(x)
     assert float(torch.nn.functional.cosine_similarity(y.flatten(), y_fq.flatten(), 0)) > 0.9999
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_attn_v_rows_round_their_ties_as_the_fake_quant(backend: str, symmetric: bool) -> None:
+    """attn·v of 4-bit codes lies on a lattice, and a per-token grid for ``proj`` is built from
+    one of its points, so ``x / s`` falls exactly on rounding midpoints; the runtime's codes
+    of the int32 sums (``row_codes(acc, mul=s_p * s_v)``) equal the fake quant's at every one,
+    since ``QuantMatMul`` rounds its product as the runtime does."""
+    from vitquant.quant import QuantMatMul
+    from vitquant.quant.quantizers import UniformQuantizer
+
+    lin, _ = _linear(symmetric, bits=4)
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(3 * torch.randn(2, 3, 50, 50, generator=g), -1)
+    v = torch.randn(2, 3, 50, 16, generator=g)
+    av = QuantMatMul("av")
+    av.a_quantizer, av.b_quantizer = UniformQuantizer(4, signed=False), UniformQuantizer(4)
+    av.a_quantizer.calibrate_tensor(p, "max")
+    av.b_quantizer.calibrate_tensor(v, "max")
+    with torch.no_grad():
+        o = av(p, v).transpose(1, 2).reshape(2, 50, 48)
+        s, z = lin.input_quantizer._grid(o)
+        want = lin.input_quantizer.int_codes(o).reshape(100, 48)
+    frac = torch.frac((o / s).abs())
+    assert ((frac - 0.5).abs() < 1e-6).float().mean() > 0.01  # exact ties are common here
+    pc, vc = av.a_quantizer.int_codes(p).long(), av.b_quantizer.int_codes(v).long()
+    acc = (pc @ vc).transpose(1, 2).reshape(100, 48).to(torch.int32)
+    low, why = DynamicInt8Linear.from_quant(lin, backend)
+    assert low is not None, why
+    mul = float(av.a_quantizer.scale) * float(av.b_quantizer.scale)
+    got = low.row_codes(acc, (2, 50), mul=mul).codes.to(torch.int32) - low.offset
+    assert torch.equal(got, want.to(torch.int32))

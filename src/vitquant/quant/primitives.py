@@ -43,6 +43,7 @@ __all__ = [
     "lsq_grad_factor",
     "mse_search_rows",
     "token_qparams",
+    "integer_matmul",
 ]
 
 MIN_BITS = 2
@@ -330,3 +331,20 @@ def token_qparams(
     lo = x.amin(dim=-1, keepdim=True) * clip
     hi = x.amax(dim=-1, keepdim=True) * clip
     return qparams_from_minmax(lo, hi, bits)
+
+
+def integer_matmul(a: Tensor, b: Tensor, scale: Tensor, bound: int) -> Tensor:
+    """``(a @ b) * scale`` for integer-valued ``a`` and ``b`` (codes minus zero points), as an
+    integer GEMM and its float epilogue compute it, so that every implementation gives the same
+    bits: the sum of products exact (in ``a``'s float dtype while ``bound``, a bound on
+    ``|a| @ |b|``, fits its mantissa, else in float64) and rounded once to ``a``'s dtype, as a
+    cast of the int32 accumulator is, then times ``scale`` rounded to that dtype.
+
+    Sums of dequantized floats instead depend on the summation order; where a per-token grid is
+    built from such products (``attn·v`` before a dynamic ``proj`` input), values that are exact
+    rounding ties would fall to either side.
+    """
+    exact = 2.0 / torch.finfo(a.dtype).eps  # 2**24 in float32: every integer below is exact
+    acc_dtype = a.dtype if bound < exact else torch.float64
+    acc = torch.matmul(a.to(acc_dtype), b.to(acc_dtype)).to(a.dtype)
+    return acc * scale.to(a.dtype)

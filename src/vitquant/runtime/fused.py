@@ -299,7 +299,9 @@ class Int8Attention(nn.Module):
         acc = av.product(pq, v8)
         pa = self.proj.act
         if self.proj.dynamic or self.proj.in_div is not None:  # per-channel or per-token grids
-            o = torch.mul(acc, av.a.scale * av.b.scale).float().transpose(1, 2)
+            # int32 (or float64 reference) sums to float32, then the scale: the fake quant's
+            # rounding (QuantMatMul.integer_product), which per-token grids depend on at ties
+            o = torch.mul(acc.float(), av.a.scale * av.b.scale).transpose(1, 2)
             oq = self.proj.quantize_input(o.reshape(b, n, c))
             return self._proj(oq, residual)
         if fast:  # rescale, then one transposing quantize pass into [B, N, H, D]

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitquant.quant import primitives as P
 from vitquant.quant.modules.base import QuantModule, apply_q
+from vitquant.quant.quantizers import Quantizer
 
 __all__ = ["QuantMatMul", "QuantAdd", "QuantSoftmax", "QuantLayerNorm"]
 
@@ -42,11 +44,51 @@ class QuantMatMul(nn.Module, QuantModule):
         return {**_MATMUL_POINTS[self.role], "output_quantizer": "matmul_output"}
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        out = torch.matmul(apply_q(self.a_quantizer, a), apply_q(self.b_quantizer, b))
-        return apply_q(self.output_quantizer, out)
+        a, b = apply_q(self.a_quantizer, a), apply_q(self.b_quantizer, b)
+        out = self.integer_product(a, b)
+        return apply_q(self.output_quantizer, torch.matmul(a, b) if out is None else out)
+
+    def integer_product(self, a_hat: Tensor, b_hat: Tensor) -> Tensor | None:
+        """The product of the fake-quantized operands as the int8 runtime computes it, when
+        both have per-tensor uniform grids and no gradient is needed: the codes (recovered
+        exactly from the dequantized values) multiplied and summed exactly, times ``s_a * s_b``
+        (:func:`~vitquant.quant.primitives.integer_matmul`). It differs from ``a_hat @ b_hat``
+        only by float rounding, but the rounding is the runtime's, so a per-token grid built
+        from it downstream rounds its ties as the runtime does. ``None`` otherwise (training,
+        other grids, compiling, a quantizer's forward stood in for), where the forward pass
+        multiplies the fake-quantized operands."""
+        qa, qb = self.a_quantizer, self.b_quantizer
+        if not (_per_tensor_uniform(qa) and _per_tensor_uniform(qb)):
+            return None
+        assert qa is not None and qb is not None
+        if a_hat.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (
+            a_hat.requires_grad or b_hat.requires_grad or _trainable(qa) or _trainable(qb)
+        ):
+            return None
+        sa, sb = qa.scale.detach().reshape(()), qb.scale.detach().reshape(())
+        ca = torch.round(a_hat / sa.to(a_hat.dtype))  # codes minus zero point
+        cb = torch.round(b_hat / sb.to(a_hat.dtype)).to(a_hat.dtype)
+        bound = a_hat.shape[-1] * (qa.qmax - qa.qmin) * (qb.qmax - qb.qmin)
+        return P.integer_matmul(ca, cb, sa.double() * sb.double(), bound)
 
     def extra_repr(self) -> str:
         return f"role={self.role}"
+
+
+def _per_tensor_uniform(q: Quantizer | None) -> bool:
+    return (
+        isinstance(q, Quantizer)  # (not an export's stand-in module)
+        and q.kind == "uniform"
+        and q.active
+        and q.scale.numel() == 1
+        and "forward" not in q.__dict__  # (a stand-in with a scale of its own)
+    )
+
+
+def _trainable(q: Quantizer) -> bool:
+    return any(p.requires_grad for p in q.parameters())
 
 
 class QuantAdd(nn.Module, QuantModule):
