@@ -6,7 +6,8 @@ static recipe beside it) on a float model, then measures on test images:
 * agreement of the fake-quant model run in float64 with its float32 run (how much float
   rounding alone moves its predictions);
 * agreement of the lowered model with the fake-quant one, on the exact float64 ``reference``
-  backend and on the default (oneDNN) backend;
+  backend, on the default (oneDNN) backend and on ``intmm`` (``torch._int_mm``, torch's
+  epilogues);
 * per per-token quantizer, the share of its inputs (one batch, float32 run) whose ``x / s`` lies
   within 1e-5 and within 1e-3 of a rounding midpoint: equal shares mean exact ties, not a
   continuum of near-ties.
@@ -98,6 +99,9 @@ def main() -> None:
                 predictions(lower(copy.deepcopy(q), "reference", warn=False), ex), ref
             ),
             "lowered_agreement": _agree(predictions(lower(copy.deepcopy(q), warn=False), ex), ref),
+            "lowered_intmm_agreement": _agree(
+                predictions(lower(copy.deepcopy(q), "intmm", warn=False), ex), ref
+            ),
         }
         if dyn:
             row["tie_shares"] = tie_shares(q, ex[:200])
@@ -106,7 +110,8 @@ def main() -> None:
         print(
             f"{name:8s} fake-quant fp64 vs fp32 {row['fake_quant_float64_agreement']:6.2f} %  "
             f"lowered reference {row['lowered_reference_agreement']:6.2f} %  "
-            f"lowered {row['lowered_agreement']:6.2f} %"
+            f"lowered {row['lowered_agreement']:6.2f} %  "
+            f"intmm {row['lowered_intmm_agreement']:6.2f} %"
             + (f"  largest exact-tie share {100 * ties:.2f} %" if dyn else ""),
             flush=True,
         )
