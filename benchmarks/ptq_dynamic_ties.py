@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import warnings
@@ -28,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ptq_outliers import _images, cpu_name, find_float, predictions  # the same folder
+from ptq_outliers import (  # the same folder
+    _images,
+    cpu_name,
+    find_float,
+    model_args,
+    predictions,
+)
 from torch import Tensor, nn
 
 import vitquant
@@ -69,11 +74,7 @@ def tie_shares(q: nn.Module, x: Tensor) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--float", default=None, help="float run folder or checkpoint")
-    ap.add_argument("--model", default="vit_micro_patch7_28")
-    ap.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--calib-images", type=int, default=128)
+    ap = model_args(__doc__, 128)
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--out", default=None, help="JSON results")

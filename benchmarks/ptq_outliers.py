@@ -243,12 +243,19 @@ def run_nncf(
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_args(doc: str, calib_images: int) -> argparse.ArgumentParser:
+    """A parser with the options of the float model, the dataset and the calibration images
+    (shared by the scripts that calibrate on the demo's float model)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--float", default=None, help="float run folder or checkpoint")
     ap.add_argument("--model", default="vit_micro_patch7_28")
     ap.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--calib-images", type=int, default=calib_images)
+    return ap
+
+
+def main() -> None:
+    ap = model_args(__doc__, 256)
     ap.add_argument(
         "--calib-samples", type=int, default=1,
         help="calibrate every recipe (and NNCF) on this many disjoint samples of --calib-images "
