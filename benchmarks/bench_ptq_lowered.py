@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from bench_ptq_time import cpu_info, randomize  # the same folder
 from torch import Tensor, nn
 
 import vitquant
+from vitquant._atomic import atomic_write_json
 from vitquant.quant import QuantConfig, calibrate, prepare
 from vitquant.runtime import lower, lowering_report, native
 from vitquant.runtime import rows as rows_mod
@@ -151,10 +150,9 @@ def main() -> None:
             rows[n]["kernel_ms"] = kernel_times(m, x)
             print(f"{n:30s} native kernels, ms per forward: {rows[n]['kernel_ms']}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report = {"model": args.model, "batch": args.batch_size, "threads": args.threads,
                   "cpu": cpu, "torch": torch.__version__, "rows": rows}  # fmt: skip
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import vitquant
+from vitquant._atomic import atomic_write_json
 from vitquant.quant import QuantConfig, calibrate, prepare
 
 RECIPES: dict[str, QuantConfig] = {
@@ -125,8 +125,7 @@ def main() -> None:
         "rows": rows,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +35,7 @@ from ptq_outliers import (  # the same folder
 from torch import Tensor, nn
 
 import vitquant
+from vitquant._atomic import atomic_write_json
 from vitquant.data import build_dataset
 from vitquant.quant import QuantConfig, calibrate, prepare
 from vitquant.quant.quantizers.dynamic import DynamicQuantizer
@@ -117,8 +116,7 @@ def main() -> None:
             flush=True,
         )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import vitquant
+from vitquant._atomic import atomic_write_json
 from vitquant.data import build_dataset, subset
 from vitquant.models.outliers import inject_outliers
 from vitquant.quant import QuantConfig, calibrate, prepare
@@ -364,8 +365,7 @@ def main() -> None:
         summary=summary,
     )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
 
 
 if __name__ == "__main__":
