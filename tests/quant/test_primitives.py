@@ -20,6 +20,7 @@ from vitquant.quant.primitives import (
     floor_ste,
     grad_scale,
     integer_matmul,
+    product_bound,
     qparams_from_minmax,
     qrange,
     quantize,
@@ -283,3 +284,43 @@ def test_integer_matmul_is_the_exact_integer_sum_rounded_once(bits, k):
             integer_matmul(a.double(), b.double(), scale, bound).float(),
             torch.from_numpy(exact.astype(np.float64) * scale.item()).float(),
         )
+
+
+def _int64_product(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    exact = np.matmul(a.numpy().astype(np.int64), b.numpy().astype(np.int64))
+    return exact.astype(np.float32) * np.float32(scale.item())
+
+
+def test_product_bound_bounds_every_entry_and_tightens_the_grid_bound():
+    """Softmax-like rows (8-bit probabilities summing to about 255) times 8-bit ``v`` at 577
+    tokens: the grids' bound passes 2**24, the data's stays far below, and it bounds
+    ``|a| @ |b|`` entry by entry; so the sum runs in float32 and is still the exact one."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(2, 3, 577, 577, generator=g), -1)
+    a = torch.round(p * 255)
+    b = torch.randint(-128, 128, (2, 3, 577, 64), generator=g).float()
+    grid_bound = 577 * 255 * 255
+    got = product_bound(a, b)
+    assert (a.abs() @ b.abs()).amax().item() <= got < 2**24 <= grid_bound
+    scale = torch.tensor(1 / 255, dtype=torch.float64) * torch.tensor(0.02, dtype=torch.float64)
+    for bound in (None, grid_bound):
+        assert np.array_equal(
+            integer_matmul(a, b, scale, bound).numpy(), _int64_product(a, b, scale)
+        )
+    c = torch.randint(0, 256, (4, 9), generator=g).float()  # the column-sum side is the smaller
+    d = torch.zeros(9, 5)
+    d[0] = 200.0
+    assert (c.abs() @ d.abs()).amax().item() <= product_bound(c, d) == c.amax().item() * 200
+
+
+def test_integer_matmul_without_a_bound_sums_large_codes_exactly():
+    """Non-negative 8-bit codes at K=2048: a float32 sum rounds (shown), the data's bound
+    passes 2**24, and the product is still numpy's exact int64 sum."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 256, (4, 2048), generator=g).float()
+    b = torch.randint(1, 128, (2048, 6), generator=g).float()
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    want = _int64_product(a, b, scale)
+    assert product_bound(a, b) >= 2**24
+    assert not np.array_equal((a @ b).numpy() * np.float32(0.5), want)
+    assert np.array_equal(integer_matmul(a, b, scale).numpy(), want)

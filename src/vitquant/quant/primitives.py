@@ -44,6 +44,7 @@ __all__ = [
     "mse_search_rows",
     "token_qparams",
     "integer_matmul",
+    "product_bound",
 ]
 
 MIN_BITS = 2
@@ -333,18 +334,32 @@ def token_qparams(
     return qparams_from_minmax(lo, hi, bits)
 
 
-def integer_matmul(a: Tensor, b: Tensor, scale: Tensor, bound: int) -> Tensor:
+def integer_matmul(a: Tensor, b: Tensor, scale: Tensor, bound: int | None = None) -> Tensor:
     """``(a @ b) * scale`` for integer-valued ``a`` and ``b`` (codes minus zero points), as an
     integer GEMM and its float epilogue compute it, so that every implementation gives the same
-    bits: the sum of products exact (in ``a``'s float dtype while ``bound``, a bound on
-    ``|a| @ |b|``, fits its mantissa, else in float64) and rounded once to ``a``'s dtype, as a
-    cast of the int32 accumulator is, then times ``scale`` rounded to that dtype.
+    bits: the sum of products exact (in ``a``'s float dtype while a bound on ``|a| @ |b|`` fits
+    its mantissa, else in float64) and rounded once to ``a``'s dtype, as a cast of the int32
+    accumulator is, then times ``scale`` rounded to that dtype.
 
-    Sums of dequantized floats instead depend on the summation order; where a per-token grid is
-    built from such products (``attn·v`` before a dynamic ``proj`` input), values that are exact
-    rounding ties would fall to either side.
+    ``bound`` is a bound known in advance (``K * range_a * range_b`` from the grids); where it
+    is missing or does not fit, the bound is taken from the data (:func:`product_bound`), which
+    keeps long sums of small codes (softmax probabilities times ``v`` at 577 tokens) in the
+    fast dtype. Sums of dequantized floats instead depend on the summation order; where a
+    per-token grid is built from such products (``attn·v`` before a dynamic ``proj`` input),
+    values that are exact rounding ties would fall to either side.
     """
     exact = 2.0 / torch.finfo(a.dtype).eps  # 2**24 in float32: every integer below is exact
-    acc_dtype = a.dtype if bound < exact else torch.float64
+    fits = bound is not None and bound < exact
+    acc_dtype = a.dtype if fits or product_bound(a, b) < exact else torch.float64
     acc = torch.matmul(a.to(acc_dtype), b.to(acc_dtype)).to(a.dtype)
     return acc * scale.to(a.dtype)
+
+
+def product_bound(a: Tensor, b: Tensor) -> float:
+    """A bound on every entry, and every partial sum, of ``|a| @ |b|`` (batched over leading
+    dimensions): the smaller of ``max_row sum|a| * max|b|`` and ``max|a| * max_col sum|b|``.
+    Exact for integer-valued operands whose row and column sums fit ``a``'s mantissa."""
+    abs_a, abs_b = a.abs(), b.abs()
+    by_rows = abs_a.sum(-1).amax() * abs_b.amax()
+    by_cols = abs_a.amax() * abs_b.sum(-2).amax()
+    return float(torch.minimum(by_rows.double(), by_cols.double()))
