@@ -22,7 +22,9 @@ def test_defaults_and_aliases() -> None:
     # a config's own options update the preset's
     tuned = QuantConfig(pass_options={"smooth": {"alpha": "search"}})
     assert tuned.effective_pass_options["smooth"] == {
-        "alpha": "search", "progress": False, "act_error_ratio": 0.5
+        "alpha": "search",
+        "progress": False,
+        "act_error_ratio": 0.5,
     }
     # presets choose the calibrator unless the config names one
     assert cfg.calibrator is None and cfg.effective_calibrator == "percentile"

@@ -125,9 +125,15 @@ class QuantConfig:
     quantize_head: bool = False
     head_patterns: list[str] = field(
         default_factory=lambda: [
-            "head", "head_dist", "heads", "heads.*", "classifier", "fc",
-            "cls_classifier", "distillation_classifier",  # transformers DeiT-with-teacher
-        ]  # fmt: skip
+            "head",
+            "head_dist",
+            "heads",
+            "heads.*",
+            "classifier",
+            "fc",
+            "cls_classifier",
+            "distillation_classifier",  # transformers DeiT-with-teacher
+        ]
     )
     passes: list[str] | None = None
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -85,9 +85,7 @@ PRESETS: dict[str, Preset] = {
         _GEMM,
         "channel",
         passes=("smooth",),
-        pass_options=(
-            ("smooth", (("alpha", 0.5), ("progress", False), ("act_error_ratio", 0.5))),
-        ),
+        pass_options=(("smooth", (("alpha", 0.5), ("progress", False), ("act_error_ratio", 0.5))),),
         description="vitquant's default: ft1 points, per-channel weights, SmoothQuant (alpha 0.5) "
         "folded into LayerNorm, and into the fc2 input where that halves fc2's error",
     ),
