@@ -327,7 +327,7 @@ def calibrate(
         percentile: for ``"percentile"`` (default: the config's, 99.99).
         num_batches: stop after this many batches (default: all of ``data``).
         device: run on this device (the model is moved there); default: the model's.
-        progress: show a tqdm progress bar.
+        progress: show tqdm progress bars (the statistics pass and the config's passes).
         weight_method: calibration of weights (``"max"`` as FasterTransformer).
         num_bins: histogram bins (default: the config's).
 
@@ -357,7 +357,7 @@ def calibrate(
         model.to(device)
     dev = torch.device(device) if device is not None else _model_device(model)
 
-    passes = build_passes(config)
+    passes = build_passes(config, progress)
     if passes:  # every pass reads the same batches, so a one-shot iterator is read once here
         data = _take(data, num_batches)
     acts = [q for _, q in quantizers if q.role != "weight"]

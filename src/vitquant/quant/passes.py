@@ -43,6 +43,9 @@ class CalibrationPass:
     runs_last = False
     #: the option names the pass takes (None: any; the pass checks them itself)
     option_names: frozenset[str] | None = None
+    #: the pass takes a ``progress`` option (a tqdm bar), which ``calibrate(progress=False)``
+    #: turns off
+    shows_progress = False
 
     def __init__(self, **options: Any) -> None:
         if self.option_names is not None:
@@ -68,15 +71,19 @@ class CalibrationPass:
 CALIBRATION_PASSES: Registry[type[CalibrationPass]] = Registry("calibration pass")
 
 
-def build_passes(config: QuantConfig) -> list[CalibrationPass]:
-    """The config's passes (``config.effective_passes``), built with their options.
+def build_passes(config: QuantConfig, progress: bool = True) -> list[CalibrationPass]:
+    """The config's passes (``config.effective_passes``), built with their options; without
+    ``progress`` none shows a progress bar, whatever its options say.
 
     Raises:
         ConfigError: an unknown pass name (the closest names are listed).
     """
     options = config.effective_pass_options
-    built = [
-        CALIBRATION_PASSES.get(name)(**dict(options.get(name, {})))
-        for name in config.effective_passes
-    ]
+    built = []
+    for name in config.effective_passes:
+        cls = CALIBRATION_PASSES.get(name)
+        opts = dict(options.get(name, {}))
+        if not progress and cls.shows_progress:
+            opts["progress"] = False
+        built.append(cls(**opts))
     return sorted(built, key=lambda p: bool(p.runs_last))  # stable: config order otherwise

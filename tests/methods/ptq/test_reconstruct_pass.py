@@ -70,6 +70,23 @@ def test_runs_after_the_other_passes() -> None:
     assert low.effective_passes == ["smooth", "output_mse"] and low.preset == "lowbit"
 
 
+def test_calibrate_without_progress_silences_the_passes_bars(
+    batches: list[Tensor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``calibrate(progress=False)`` turns off the bars of every pass that shows one, even
+    where the config's pass options ask for them; with ``progress`` the options stand."""
+    loud = {"smooth": {"alpha": 0.5, "progress": True}, "reconstruct": {**FAST, "progress": True}}
+    cfg = QuantConfig("lowbit", 4, 4, pass_options=loud)
+    quiet = {p.name: p for p in build_passes(cfg, progress=False)}
+    assert quiet["smooth"].options["progress"] is False
+    assert quiet["reconstruct"].config.progress is False  # type: ignore[attr-defined]
+    shown = {p.name: p for p in build_passes(cfg)}
+    assert shown["reconstruct"].config.progress is True  # type: ignore[attr-defined]
+    capsys.readouterr()
+    calibrate(prepare(random_nano_vit(), cfg), batches[:2], progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_unknown_option_is_a_clear_error() -> None:
     cfg = QuantConfig("ft1", 4, 4, passes=["reconstruct"], pass_options={"reconstruct": {"it": 1}})
     with pytest.raises(ConfigError, match="reconstruct"):

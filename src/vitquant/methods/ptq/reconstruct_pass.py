@@ -53,6 +53,7 @@ class ReconstructPass(CalibrationPass):
 
     name = "reconstruct"
     runs_last = True
+    shows_progress = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -252,6 +252,7 @@ class SmoothPass(CalibrationPass):
     """
 
     name = "smooth"
+    shows_progress = True
 
     def __init__(self, **options: Any) -> None:
         bad = set(options) - set(_PASS_OPTIONS)
