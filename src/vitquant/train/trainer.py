@@ -17,8 +17,9 @@ other options or for other data (steps per epoch), or a started folder (``best.p
 without ``last.pt`` is an error. The method may build its own training set
 (:func:`~vitquant.train.build.method_train_data`: VVTQ's soft labels from ``--softlabel-path``).
 
-Length: over 500 lines because the run loop (fresh start, exact resume, checkpoints,
-distributed set-up) is one piece of state; its parts live in the other ``train`` modules.
+The checks of what to resume from (:func:`~vitquant.train.resume.resume_state`, the
+checkpoint format) live in :mod:`vitquant.train.resume`; the run's other parts in the other
+``train`` modules.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from vitquant.train import distributed as D
 from vitquant.train.build import build_student, build_teacher, load_finetune, method_train_data
 from vitquant.train.checkpoint import (
     capture_rng_state,
-    load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -58,11 +58,13 @@ from vitquant.train.experiment import Experiment, experiment_dir
 from vitquant.train.losses import DistillationLoss
 from vitquant.train.optim import build_optimizer
 from vitquant.train.progress import Progress, format_duration
+from vitquant.train.resume import CHECKPOINT_FORMAT
+from vitquant.train.resume import resume_state as _resume_state
+from vitquant.train.resume import state_mismatch as _state_mismatch
 from vitquant.train.schedule import CosineSchedule
 
 __all__ = ["fit", "CHECKPOINT_FORMAT", "seed_everything"]
 
-CHECKPOINT_FORMAT = "vitquant.train/1"
 #: exit code of a run stopped by ``stop_after_steps`` (tests of resuming)
 STOP_EXIT_CODE = 17
 
@@ -138,63 +140,6 @@ def fit(
     if info.is_main:
         exp.write_config(cfg)
     return run.run()
-
-
-def _resume_state(exp: Experiment, cfg: TrainConfig) -> dict[str, Any] | None:
-    """The state to resume from, ``None`` for a fresh folder; never silently starts over.
-
-    Raises:
-        CheckpointError: ``last.pt`` is unreadable or not a training checkpoint, or the folder
-            shows a started run (``best.pt``, logged epochs) whose ``last.pt`` is gone.
-        ConfigError: ``last.pt`` was written with other (result-changing) options.
-    """
-    if not exp.last_path.exists():
-        started = [p.name for p in (exp.best_path, exp.log_path) if p.is_file()]
-        if exp.best_path.is_file() or exp.read_log():
-            raise CheckpointError(
-                f"{exp.root} holds a started run ({', '.join(started)}) but no last.pt to resume "
-                "from; move the folder away (or use --name) to start over"
-            )
-        return None
-    state = load_checkpoint(exp.last_path)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{exp.last_path} is not a vitquant training checkpoint")
-    stored = state.get("config")
-    if isinstance(stored, dict):
-        try:
-            old = TrainConfig.from_dict(stored)
-        except (ConfigError, TypeError) as e:
-            msg = str(e).splitlines()[0]
-            raise CheckpointError(f"{exp.last_path} holds an unreadable config ({msg})") from None
-        diffs = old.differences(cfg)
-        if diffs:
-            raise ConfigError(
-                f"{exp.last_path} was trained with other options: {'; '.join(diffs)} "
-                "(use --name or another --output for a new run)"
-            )
-    return state
-
-
-def _state_mismatch(own: dict[str, Any], saved: Any) -> str | None:
-    """How a checkpoint's model state differs from the model's (``None``: it fits)."""
-    if not isinstance(saved, dict):
-        return "it holds no model state"
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    shapes = [
-        k
-        for k in own
-        if k in saved
-        and torch.is_tensor(saved[k])
-        and torch.is_tensor(own[k])
-        and saved[k].shape != own[k].shape
-    ]
-    parts = [
-        f"{len(keys)} {what} (first: {keys[0]})"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("resized", shapes))
-        if keys
-    ]
-    return ", ".join(parts) + " keys" if parts else None
 
 
 class _Run:

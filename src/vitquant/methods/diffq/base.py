@@ -18,8 +18,8 @@ dicts) that loads with ``torch.load(..., weights_only=True)``, names its paramet
 state made for another model is refused, and stores all packed bits in one uint8 buffer so that
 the saved file is within a few kB of :meth:`BaseQuantizer.true_model_size`.
 
-Length: over 500 lines because it is one class, the ``BaseQuantizer`` API of the ``diffq``
-package (set-up, sizes, quantized state, restore, detach), kept whole like the original.
+Building and restoring that state (the bodies of :meth:`BaseQuantizer.get_quantized_state` and
+:meth:`BaseQuantizer.restore_quantized_state`) live in :mod:`vitquant.methods.diffq.packed_state`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from vitquant.errors import CheckpointError, ConfigError
-from vitquant.methods.diffq.state import STATE_FORMAT, STATE_VERSION, check_state, mismatch_message
+from vitquant.errors import ConfigError
+from vitquant.methods.diffq.packed_state import build_state, restore_state
 
 __all__ = ["BaseQuantizer", "QuantizedParam"]
 
@@ -416,55 +416,7 @@ class BaseQuantizer:
             "quantized": [one dict per quantized parameter, with its "name" and "shape"],
             "float": {"names", "shapes", "data"}, "data": uint8 buffer (packed only)}``.
         """
-        self._restore_slots()
-        with torch.no_grad():
-            # while quantize()d in place, the float weights are the saved copies
-            weights = self._saved_first() if self._saved is not None else {}
-            entries, buffers, offset = [], [], 0
-            for qp in self._first:
-                q = self._quantize_param(qp, weights.get(id(qp.param), qp.param.detach()))
-                if packed:
-                    entry, chunks = self._pack_param(qp, q)
-                    entry["offset"] = offset
-                    for chunk in chunks:
-                        buffers.append(chunk.cpu())
-                        offset += chunk.numel()
-                else:
-                    entry = q
-                entries.append({"name": qp.full_name, "shape": list(qp.param.shape), **entry})
-            kept = [self._saved_kept().get(id(k.param), k.param.detach()) for k in self._kept]
-            dtype = torch.float16 if self.float16 else torch.float32
-            flat = [p.reshape(-1).to(dtype).cpu() for p in kept]
-        state: dict[str, Any] = {
-            "meta": {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "method": self.method,
-                "init_kwargs": dict(self._init_kwargs),
-                "packed": bool(packed),
-            },
-            "quantized": entries,
-            "float": {
-                "names": [k.full_name for k in self._kept],
-                "shapes": [list(k.param.shape) for k in self._kept],
-                "data": torch.cat(flat) if flat else torch.zeros(0, dtype=dtype),
-            },
-        }
-        if packed:
-            state["data"] = (
-                torch.cat(buffers) if buffers else torch.zeros(0, dtype=torch.uint8)
-            ).contiguous()
-        return state
-
-    def _saved_first(self) -> dict[int, Tensor]:
-        assert self._saved is not None
-        return {id(qp.param): t for qp, t in zip(self._first, self._saved)}
-
-    def _saved_kept(self) -> dict[int, Tensor]:
-        if self._saved is None or not self.float16:
-            return {}
-        rest = self._saved[len(self._first) :]
-        return {id(k.param): t for k, t in zip(self._kept, rest)}
+        return build_state(self, packed)
 
     def restore_quantized_state(self, state: dict[str, Any]) -> None:
         """Loads a state from :meth:`get_quantized_state` into the model's parameters.
@@ -473,44 +425,7 @@ class BaseQuantizer:
             CheckpointError: not a vitquant state, another method, or made for another model
                 (names or shapes differ).
         """
-        check_state(state, self.method)
-        self._restore_slots()
-        self.unquantize()
-        entries = state["quantized"]
-        first = self._first
-        names, want = [e.get("name") for e in entries], [qp.full_name for qp in first]
-        if names != want:
-            raise CheckpointError(mismatch_message(names, want, "quantized"))
-        floats = state["float"]
-        if list(floats["names"]) != [k.full_name for k in self._kept]:
-            raise CheckpointError(
-                mismatch_message(list(floats["names"]), [k.full_name for k in self._kept], "float")
-            )
-        packed = bool(state["meta"].get("packed", False))
-        data = state.get("data")
-        with torch.no_grad():
-            for qp, entry in zip(first, entries):
-                if list(entry["shape"]) != list(qp.param.shape):
-                    raise CheckpointError(
-                        f"state was made for another model: {qp.full_name} has shape "
-                        f"{list(entry['shape'])} in the state, {list(qp.param.shape)} here"
-                    )
-                q = self._unpack_param(qp, entry, data) if packed else entry
-                w = self._unquantize_param(qp, q)
-                qp.param.copy_(w.view_as(qp.param).to(qp.param.device, qp.param.dtype))
-            offset = 0
-            flat = floats["data"]
-            for kept, shape in zip(self._kept, floats["shapes"]):
-                n = kept.param.numel()
-                if list(shape) != list(kept.param.shape) or offset + n > flat.numel():
-                    raise CheckpointError(
-                        f"state was made for another model: {kept.full_name} has shape "
-                        f"{list(shape)} in the state, {list(kept.param.shape)} here"
-                    )
-                chunk = flat[offset : offset + n].view(kept.param.shape)
-                kept.param.copy_(chunk.to(kept.param.device, kept.param.dtype))
-                offset += n
-        self._fix_rnns()
+        restore_state(self, state)
 
     # ------------------------------------------------------------------ hooks to override
     def _make_extra(self, qp: QuantizedParam) -> nn.Parameter | None:

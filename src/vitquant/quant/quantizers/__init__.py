@@ -1,6 +1,7 @@
 """Quantizers: the :class:`~.base.Quantizer` interface and the calibrated uniform quantizer.
 
-* :mod:`.base`: :class:`QParams`, :class:`Quantizer`, the ``QUANTIZERS`` registry;
+* :mod:`.base`: :class:`Quantizer`, the ``QUANTIZERS`` registry;
+* :mod:`.shapes`: :class:`QParams` and the granularity helpers (re-exported by ``.base``);
 * :mod:`.uniform`: calibrated fixed ranges (pytorch-quantization / TensorRT);
 * :mod:`.dynamic`: per-token scales computed from each input (LLM.int8 / ZeroQuant).
 
