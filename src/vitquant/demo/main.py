@@ -7,7 +7,8 @@ register themselves with :func:`register_demo_step` and read what earlier steps 
 :attr:`DemoContext.artifacts` (``"float_dir"``, ``"float_checkpoint"``, ``"float_result"``,
 ``"float_config"``, ``"float_size_mb"``, and ``"model:<row name>"`` for quantized models):
 
-* :mod:`vitquant.demo.quant`: PTQ W8A8 (ft1, ft2), W4A4 min-max and ViT-specific;
+* :mod:`vitquant.demo.quant`: PTQ W8A8 (ft1, ft2, the default), W4A4 min-max, ViT-specific and
+  lowbit;
 * :mod:`vitquant.demo.qat`: QAT W4A4 with LSQ, Q-ViT and VVTQ (cached fine-tuning runs);
 * :mod:`vitquant.demo.ablation`: W2A2 rows, LSQ against Q-ViT ± IRM ± DGD and VVTQ ± regulariser
   and freezing;
