@@ -35,9 +35,10 @@ with the fake-quant model (``docs/onnx.md``).
 
 ``onnx`` and ``onnxruntime`` are optional (``pip install 'vitquant[onnx]'``).
 
-Length: just over 500 lines because the two exporters' symbolic functions, the module swap that
-routes every quantizer through them and the export entry point share the QDQ parameter mapping;
-counting, running and comparing live in :mod:`vitquant.export.onnx_run`.
+The QDQ plan (:class:`QDQPoint`, :func:`qdq_points`) is in :mod:`vitquant.export.onnx_plan` and
+the stand-in modules that emit the nodes for both exporters in :mod:`vitquant.export.onnx_modules`
+(both re-exported here); this module swaps them in (:func:`qdq_module`) and writes the file
+(:func:`to_onnx`).
 """
 
 from __future__ import annotations
@@ -46,288 +47,37 @@ import contextlib
 import copy
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError
+
+# moved there; the private ones re-imported (``as``) for code that imported them from here
+from vitquant.export.onnx_modules import _bshape as _bshape
+from vitquant.export.onnx_modules import _DQFunction as _DQFunction
+from vitquant.export.onnx_modules import _DQWeight as _DQWeight
+from vitquant.export.onnx_modules import _dynamo_exporting as _dynamo_exporting
+from vitquant.export.onnx_modules import _expand_block as _expand_block
+from vitquant.export.onnx_modules import _ExportQuantizer as _ExportQuantizer
+from vitquant.export.onnx_modules import _FloatPoint as _FloatPoint
+from vitquant.export.onnx_modules import _grid as _grid
+from vitquant.export.onnx_modules import _QDQActivation as _QDQActivation
+from vitquant.export.onnx_modules import _QDQFunction as _QDQFunction
+from vitquant.export.onnx_plan import QDQPoint, qdq_points
+from vitquant.export.onnx_plan import _plan as _plan
+from vitquant.export.onnx_plan import _quantizers as _quantizers
+from vitquant.export.onnx_plan import _storage as _storage
+from vitquant.export.onnx_plan import _weight_params as _weight_params
 from vitquant.export.onnx_run import count_qdq, require
-from vitquant.quant.modules import QuantModule
-from vitquant.quant.quantizers import Quantizer
 
 __all__ = ["QDQPoint", "OnnxExport", "qdq_points", "qdq_module", "to_onnx"]
 
 _EXPORTERS = ("torchscript", "dynamo")
 _UNSUPPORTED = ("error", "float")
 _DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
-
-
-# --- which points become what ------------------------------------------------------------------
-@dataclass(frozen=True)
-class QDQPoint:
-    """One quantizer of the model and how the export writes it.
-
-    Attributes:
-        name: the quantizer's module path (``blocks.0.attn.qkv.input_quantizer``).
-        point: its point kind (``linear_input``, ``weight``, ``softmax_input``, ...).
-        role: ``"weight"`` (int codes + DequantizeLinear) or ``"activation"`` (Q/DQ pair).
-        export: ``"qdq"`` or ``"float"`` (left out, see ``reason``).
-        dtype: ``"int8"`` or ``"uint8"`` (``""`` when float).
-        qmin, qmax: the integer grid; ``clip`` is True when it is narrower than ``dtype``.
-        axis: the scale axis (None: per tensor); ``block_size`` for per-group weights.
-        reason: why a point stays float.
-    """
-
-    name: str
-    point: str
-    role: str
-    export: str
-    dtype: str = ""
-    qmin: int = 0
-    qmax: int = 0
-    clip: bool = False
-    axis: int | None = None
-    block_size: int | None = None
-    reason: str = ""
-
-
-def _weight_params(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
-    """``{id(quantizer): (module, parameter name)}`` for every weight quantizer slot."""
-    out: dict[int, tuple[nn.Module, str]] = {}
-    for m in model.modules():
-        if isinstance(m, QuantModule):
-            for slot, pname in m.quant_weights.items():
-                q = getattr(m, slot, None)
-                if isinstance(q, Quantizer):
-                    out[id(q)] = (m, pname)
-    return out
-
-
-def _storage(qmin: int, qmax: int) -> tuple[torch.dtype, int, int] | None:
-    """``(dtype, lo, hi)`` of the 8-bit ONNX type holding ``[qmin, qmax]`` (None: none does)."""
-    if -128 <= qmin and qmax <= 127 and qmin < 0:
-        return torch.int8, -128, 127
-    if 0 <= qmin and qmax <= 255:
-        return torch.uint8, 0, 255
-    return None
-
-
-def _plan(q: Quantizer, name: str, role: str, opset: int) -> QDQPoint:
-    point = q.point or ("weight" if role == "weight" else "")
-    if q.kind == "dynamic":
-        why = "per-token dynamic scales (QuantizeLinear takes fixed ones)"
-        return QDQPoint(name, point, role, "float", reason=why)
-    if q.kind != "uniform":
-        return QDQPoint(name, point, role, "float", reason=f"{q.kind} quantizer (not affine)")
-    qp = q.qparams()
-    st = _storage(qp.qmin, qp.qmax)
-    if st is None:
-        return QDQPoint(name, point, role, "float", reason=f"{qp.bits}-bit codes (> 8 bits)")
-    dtype, lo, hi = st
-    axis, block = qp.axis, None
-    kind = getattr(q.granularity, "kind", "tensor")
-    if kind == "group":
-        if role != "weight" or opset < 21:
-            why = "per-group weights need exporter='dynamo', opset=21"
-            why = why if role == "weight" else "per-group activation scales"
-            return QDQPoint(name, point, role, "float", reason=why)
-        block = qp.group_size
-    if kind == "head" and qp.group_size is None:
-        return QDQPoint(name, point, role, "float", reason="per-head scales of unknown width")
-    clip = (qp.qmin, qp.qmax) != (lo, hi)
-    dt = str(dtype).removeprefix("torch.")
-    return QDQPoint(name, point, role, "qdq", dt, qp.qmin, qp.qmax, clip, axis, block)
-
-
-def qdq_points(model: nn.Module, opset: int = 17) -> list[QDQPoint]:
-    """How :func:`to_onnx` writes each active quantizer of ``model`` (in module order).
-
-    Disabled quantizers (``enabled=False``, e.g. layers a fallback keeps in float) are not
-    listed: the fake-quant model does not quantize there either.
-
-    Raises:
-        ConfigError: some enabled quantizers were never calibrated (named).
-    """
-    weights = _weight_params(model)
-    missing = [n for n, q in _quantizers(model) if q.enabled and not q.is_calibrated]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ConfigError(
-            f"cannot export: {len(missing)} quantizer(s) were never calibrated: "
-            f"{', '.join(missing[:3])}{more} (run calibrate() or load a trained state)"
-        )
-    return [
-        _plan(q, n, "weight" if id(q) in weights else "activation", opset)
-        for n, q in _quantizers(model)
-        if q.active
-    ]
-
-
-def _quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
-    for n, m in model.named_modules():
-        if isinstance(m, Quantizer):
-            yield n, m
-
-
-# --- the export-time modules ---------------------------------------------------------------------
-def _bshape(t: Tensor, x: Tensor, axis: int | None) -> Tensor:
-    """``t`` ([] or [C]) shaped to broadcast against ``x`` along ``axis``."""
-    if axis is None or t.dim() == 0:
-        return t
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return t.reshape(shape)
-
-
-class _QDQFunction(torch.autograd.Function):
-    """Quantize-dequantize; ``symbolic``: QuantizeLinear [-> Clip] -> DequantizeLinear."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, scale: Tensor, zp: Tensor, axis: int | None, lo: int, hi: int,
-        clip: bool,
-    ) -> Tensor:  # fmt: skip
-        s, z = _bshape(scale, x, axis), _bshape(zp, x, axis).float()
-        return ((torch.clamp(torch.round(x / s) + z, lo, hi) - z) * s).to(x.dtype)
-
-    @staticmethod
-    def symbolic(
-        g: Any, x: Any, scale: Any, zp: Any, axis: int | None, lo: int, hi: int, clip: bool
-    ) -> Any:
-        kw = {} if axis is None else {"axis_i": axis}
-        q = g.op("QuantizeLinear", x, scale, zp, **kw)
-        if clip:
-            dt = torch.int8 if lo < 0 else torch.uint8
-            bounds = [g.op("Constant", value_t=torch.tensor(v, dtype=dt)) for v in (lo, hi)]
-            q = g.op("Clip", q, *bounds)
-        return g.op("DequantizeLinear", q, scale, zp, **kw)
-
-
-class _DQFunction(torch.autograd.Function):
-    """Dequantize stored codes; its ``symbolic`` is ONNX DequantizeLinear on the initializer."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, codes: Tensor, scale: Tensor, zp: Tensor, axis: int | None, block: int | None
-    ) -> Tensor:
-        s, z = _expand_block(scale, codes, axis, block), _expand_block(zp, codes, axis, block)
-        return (codes.float() - z.float()) * s
-
-    @staticmethod
-    def symbolic(
-        g: Any, codes: Any, scale: Any, zp: Any, axis: int | None, block: int | None
-    ) -> Any:
-        kw: dict[str, int] = {} if axis is None else {"axis_i": axis}
-        if block is not None:
-            kw["block_size_i"] = block
-        return g.op("DequantizeLinear", codes, scale, zp, **kw)
-
-
-def _expand_block(t: Tensor, codes: Tensor, axis: int | None, block: int | None) -> Tensor:
-    if block is None:
-        return _bshape(t, codes, axis)
-    assert axis is not None
-    return t.repeat_interleave(block, dim=axis)
-
-
-def _dynamo_exporting() -> bool:
-    return bool(torch.onnx.is_in_onnx_export()) and not torch.jit.is_tracing()
-
-
-class _ExportQuantizer(nn.Module):
-    """Base of the modules that stand in for quantizers in the exported copy.
-
-    It answers the attributes the quantized modules read (``active``, ``calibrating``, ...).
-    """
-
-    enabled = True
-    calibrating = False
-    is_calibrated = True
-    active = True
-
-    def __init__(self, p: QDQPoint, scale: Tensor, zero_point: Tensor) -> None:
-        super().__init__()
-        self.info = p
-        dtype = torch.int8 if p.dtype == "int8" else torch.uint8
-        scale = scale.detach().float().cpu()
-        zp = torch.clamp(torch.round(zero_point.detach().float().cpu()), p.qmin, p.qmax)
-        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise ConfigError(f"quantizer {p.name} has a non-positive or non-finite scale")
-        if p.block_size is None:
-            scale = scale.reshape(-1) if p.axis is not None else scale.reshape(())
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zp.reshape(scale.shape).to(dtype))
-        self.dtype = dtype
-
-    def _axis(self, x: Tensor) -> int | None:
-        return None if self.info.axis is None else self.info.axis % x.dim()
-
-
-class _QDQActivation(_ExportQuantizer):
-    """QuantizeLinear [-> Clip] -> DequantizeLinear on its input."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        p, axis = self.info, self._axis(x)
-        scale, zp = self.scale, self.zero_point
-        if axis is not None and scale.numel() != x.shape[axis]:
-            raise ConfigError(
-                f"{p.name}: {scale.numel()} scales for {x.shape[axis]} channels on axis {axis}"
-            )
-        if not _dynamo_exporting():
-            return _QDQFunction.apply(x, scale, zp, axis, p.qmin, p.qmax, p.clip)
-        ops = torch.onnx.ops
-        attrs = {} if axis is None else {"axis": axis}
-        q = ops.symbolic("QuantizeLinear", (x, scale, zp), attrs, dtype=self.dtype, shape=x.shape)
-        if p.clip:
-            lo = torch.tensor(p.qmin, dtype=self.dtype)
-            hi = torch.tensor(p.qmax, dtype=self.dtype)
-            q = ops.symbolic("Clip", (q, lo, hi), {}, dtype=self.dtype, shape=x.shape)
-        return ops.symbolic("DequantizeLinear", (q, scale, zp), attrs, dtype=x.dtype, shape=x.shape)
-
-
-class _DQWeight(_ExportQuantizer):
-    """The weight's integer codes (a buffer) -> DequantizeLinear; its input is ignored."""
-
-    def __init__(self, p: QDQPoint, q: Quantizer, weight: Tensor) -> None:
-        super().__init__(p, *_grid(q))
-        with torch.no_grad():
-            codes = q.int_codes(weight.detach()).detach().cpu()
-        self.register_buffer("codes", codes.to(self.dtype))
-        self.out_dtype = weight.dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape != self.codes.shape:
-            raise ConfigError(
-                f"{self.info.name}: the weight changed shape since export began "
-                f"({tuple(x.shape)} vs {tuple(self.codes.shape)})"
-            )
-        axis = None if self.info.axis is None else self.info.axis % self.codes.dim()
-        block = self.info.block_size
-        if not _dynamo_exporting():
-            return _DQFunction.apply(self.codes, self.scale, self.zero_point, axis, block)
-        attrs: dict[str, int] = {} if axis is None else {"axis": axis}
-        if block is not None:
-            attrs["block_size"] = block
-        inputs = (self.codes, self.scale, self.zero_point)
-        shape = self.codes.shape
-        return torch.onnx.ops.symbolic("DequantizeLinear", inputs, attrs, dtype=self.out_dtype,
-                                       shape=shape)  # fmt: skip
-
-
-class _FloatPoint(nn.Module):
-    """A quantizer left out of the export (identity; reads as inactive)."""
-
-    enabled = False
-    calibrating = False
-    is_calibrated = True
-    active = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -394,22 +144,6 @@ def qdq_module(
         else:
             _set(copy_, name, _QDQActivation(p, *_grid(q)))
     return copy_, points
-
-
-def _grid(q: Quantizer) -> tuple[Tensor, Tensor]:
-    """``(scale, zero_point)`` of ``q``'s :class:`QParams`, one per channel for per-head grids
-    (the ``group_size`` consecutive channels of a head share its values)."""
-    qp = q.qparams()
-    scale, zp = qp.scale.reshape(-1), qp.zero_point.reshape(-1)
-    if getattr(q.granularity, "kind", "") == "head":
-        if qp.group_size is None:
-            raise ConfigError(f"{q.name}: per-head scales of unknown channel count")
-        scale, zp = scale.repeat_interleave(qp.group_size), zp.repeat_interleave(qp.group_size)
-    elif qp.group_size is None:
-        return scale.reshape(qp.scale.shape), zp.reshape(qp.scale.shape)
-    else:
-        return qp.scale, qp.zero_point
-    return scale, zp
 
 
 # --- export --------------------------------------------------------------------------------
