@@ -6,7 +6,7 @@ reports (:class:`AnalysisReport`):
 * for every activation quantizer (point), the statistics of the tensor it quantizes during
   calibration: max |x|, the ``percentile`` of |x|, and the per-channel outlier ratio
   ``max|x[..., c]| / P(|x| over the channels outside the top_k)`` with the channels responsible
-  (:class:`vitquant.models.outliers.ChannelStats`; channels along the last axis: the features of
+  (:class:`vitquant.models.activation_stats.ChannelStats`; channels along the last axis: the features of
   a Linear's input, the head dimension of q/k/v, the key token of attention scores);
 * for every quantized layer (a module holding quantizers), its sensitivity: the model with only
   that layer's quantizers on (weight, input, and output where the preset has one) against the
@@ -57,7 +57,7 @@ class PointReport:
     Attributes:
         name: the quantizer (``blocks.1.mlp.fc2.input_quantizer``).
         point: its point kind (``linear_input``, ``aftergemm``, ...).
-        stats: the tensor's :class:`~vitquant.models.outliers.ChannelStats`.
+        stats: the tensor's :class:`~vitquant.models.activation_stats.ChannelStats`.
         amax: the calibrated range (the largest, for per-channel ranges; None: uncalibrated).
     """
 
