@@ -6,8 +6,8 @@ reports (:class:`AnalysisReport`):
 * for every activation quantizer (point), the statistics of the tensor it quantizes during
   calibration: max |x|, the ``percentile`` of |x|, and the per-channel outlier ratio
   ``max|x[..., c]| / P(|x| over the channels outside the top_k)`` with the channels responsible
-  (:class:`vitquant.models.activation_stats.ChannelStats`; channels along the last axis: the features of
-  a Linear's input, the head dimension of q/k/v, the key token of attention scores);
+  (:class:`vitquant.models.activation_stats.ChannelStats`; channels along the last axis: the
+  features of a Linear's input, the head dimension of q/k/v, the key token of attention scores);
 * for every quantized layer (a module holding quantizers), its sensitivity: the model with only
   that layer's quantizers on (weight, input, and output where the preset has one) against the
   float model: relative logit error ``||y_q - y|| / ||y||`` and top-1 agreement; and the same with
