@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     prepare(model, QuantConfig(wbits=8, abits=8))
     size = model.patch_embed.img_size
     x = torch.randn(args.batch, 3, *size)
-    calibrate(model, [(x, torch.zeros(args.batch, dtype=torch.long))], num_batches=1)
+    calibrate(
+        model, [(x, torch.zeros(args.batch, dtype=torch.long))], num_batches=1, progress=False
+    )
     data_bound = P.product_bound
     logits: dict[str, torch.Tensor] = {}
 

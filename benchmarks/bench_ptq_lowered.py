@@ -46,6 +46,7 @@ RECIPES: dict[str, QuantConfig] = {
     "robust, per-token dynamic fc2 input": QuantConfig(
         wbits=8, abits=8, overrides={"*.fc2.input_quantizer": {"quantizer": "dynamic"}},
     ),
+    "ft1, log-sqrt2 softmax": QuantConfig("ft1", 8, 8, softmax_quantizer="log2_sqrt2"),
 }  # fmt: skip
 
 
@@ -103,6 +104,10 @@ def main() -> None:
         "--kernel-times", action="store_true",
         help="also time the native row and attention kernels inside each lowered model",
     )  # fmt: skip
+    ap.add_argument(
+        "--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="NAME",
+        help="recipes to run (the first is the baseline of the ratios; default: all)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +122,8 @@ def main() -> None:
           f"[{' '.join(cpu['flags'])}]", flush=True)  # fmt: skip
     lowered: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, float | str | list[str]]] = {}
-    for name, cfg in RECIPES.items():
+    for name in args.recipes:
+        cfg = RECIPES[name]
         q = calibrate(prepare(copy.deepcopy(model), cfg), calib, progress=False)
         with torch.no_grad():
             ref = q(x)
@@ -137,7 +143,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for n, m in lowered.items():
             times[n].append(timed(m, x))
-    base = statistics.median(times[next(iter(RECIPES))])
+    base = statistics.median(times[args.recipes[0]])
     for n in lowered:
         med = statistics.median(times[n])
         rows[n].update(ms=1e3 * med, ratio_to_plain=med / base)
