@@ -54,23 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError
-
-# moved there; the private ones re-imported (``as``) for code that imported them from here
-from vitquant.export.onnx_modules import _bshape as _bshape
-from vitquant.export.onnx_modules import _DQFunction as _DQFunction
-from vitquant.export.onnx_modules import _DQWeight as _DQWeight
-from vitquant.export.onnx_modules import _dynamo_exporting as _dynamo_exporting
-from vitquant.export.onnx_modules import _expand_block as _expand_block
-from vitquant.export.onnx_modules import _ExportQuantizer as _ExportQuantizer
-from vitquant.export.onnx_modules import _FloatPoint as _FloatPoint
-from vitquant.export.onnx_modules import _grid as _grid
-from vitquant.export.onnx_modules import _QDQActivation as _QDQActivation
-from vitquant.export.onnx_modules import _QDQFunction as _QDQFunction
-from vitquant.export.onnx_plan import QDQPoint, qdq_points
-from vitquant.export.onnx_plan import _plan as _plan
-from vitquant.export.onnx_plan import _quantizers as _quantizers
-from vitquant.export.onnx_plan import _storage as _storage
-from vitquant.export.onnx_plan import _weight_params as _weight_params
+from vitquant.export.onnx_modules import _DQWeight, _FloatPoint, _grid, _QDQActivation
+from vitquant.export.onnx_plan import QDQPoint, _quantizers, _weight_params, qdq_points
 from vitquant.export.onnx_run import count_qdq, require
 
 __all__ = ["QDQPoint", "OnnxExport", "qdq_points", "qdq_module", "to_onnx"]

@@ -35,22 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitquant.errors import CheckpointError
-
-# the private helpers that moved there, re-imported (``as``) for code that imported them here
-from vitquant.models.checkpoint_files import _EXTENSIONS as _EXTENSIONS
-from vitquant.models.checkpoint_files import _PREFIXES as _PREFIXES
-from vitquant.models.checkpoint_files import _SAFE_GLOBALS as _SAFE_GLOBALS
-from vitquant.models.checkpoint_files import _WRAPPERS as _WRAPPERS
-from vitquant.models.checkpoint_files import _corrupt as _corrupt
-from vitquant.models.checkpoint_files import _first_line as _first_line
-from vitquant.models.checkpoint_files import _pickled_globals as _pickled_globals
-from vitquant.models.checkpoint_files import _read as _read
-from vitquant.models.checkpoint_files import _read_npz as _read_npz
-from vitquant.models.checkpoint_files import _read_safetensors as _read_safetensors
-from vitquant.models.checkpoint_files import _read_torch as _read_torch
-from vitquant.models.checkpoint_files import _sniff as _sniff
-from vitquant.models.checkpoint_files import _unwrap as _unwrap
 from vitquant.models.checkpoint_files import (
+    _read,
+    _unwrap,
     clean_state_dict,
     convert_checkpoint,
     load_state_dict,

@@ -59,10 +59,6 @@ from vitquant.models.injection import (
     _pick,
 )
 
-# moved there and unused here: re-imported (``as``) for code that imported them from here
-from vitquant.models.injection import _all_masks as _all_masks
-from vitquant.models.injection import _kl_finetune as _kl_finetune
-
 __all__ = [
     "Injection",
     "inject_ln_outliers",

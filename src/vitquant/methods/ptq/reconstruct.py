@@ -36,7 +36,7 @@ The options and reports (:class:`ReconstructConfig`, :class:`BlockReport`,
 :class:`ReconstructReport`) and the learned parts (the soft rounding, the refined scales) live in
 :mod:`vitquant.methods.ptq.reconstruct_parts`; finding the blocks, capturing their inputs and
 measuring their errors in :mod:`vitquant.methods.ptq.reconstruct_blocks`. This module keeps the
-block loop, the optimisation and the exact write-back; it re-exports every name of both.
+block loop, the optimisation and the exact write-back; it re-exports the public names of both.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ from torch import Tensor, nn
 
 from vitquant.errors import ConfigError
 from vitquant.methods.ptq.fisher import block_fisher_weights
-from vitquant.methods.ptq.reconstruct_blocks import _EVAL_BATCH as _EVAL_BATCH  # re-exported
-from vitquant.methods.ptq.reconstruct_blocks import _blocks as _blocks  # re-exported
 from vitquant.methods.ptq.reconstruct_blocks import (
     _capture,
     _chained,
@@ -63,10 +61,6 @@ from vitquant.methods.ptq.reconstruct_blocks import (
     _run,
     _sq_error,
 )
-from vitquant.methods.ptq.reconstruct_blocks import _Stop as _Stop  # re-exported
-from vitquant.methods.ptq.reconstruct_parts import _GAMMA as _GAMMA  # re-exported
-from vitquant.methods.ptq.reconstruct_parts import _LOSSES as _LOSSES  # re-exported
-from vitquant.methods.ptq.reconstruct_parts import _ZETA as _ZETA  # re-exported
 from vitquant.methods.ptq.reconstruct_parts import (
     BlockReport,
     ReconstructConfig,

@@ -8,7 +8,7 @@ gradients (:func:`_run`), the (Fisher-weighted) squared error of its output (:fu
 :func:`_rel_mse`) and the calibration images (:func:`_images`).
 
 Split out of :mod:`vitquant.methods.ptq.reconstruct` (the block loop, :func:`reconstruct`), which
-re-exports every name here.
+uses them.
 """
 
 from __future__ import annotations

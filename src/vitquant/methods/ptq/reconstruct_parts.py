@@ -13,7 +13,7 @@ activation scales (Esser et al., arXiv 1902.08153). This module holds:
   quantizers' while the block is optimised).
 
 Split out of :mod:`vitquant.methods.ptq.reconstruct` (the block loop, :func:`reconstruct`), which
-re-exports every name here.
+re-exports the public names here.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ weight ``W``, ``s_j = max|X_j|^α / max|W_:,j|^(1-α)`` (:func:`smoothing_factor
   :data:`ALPHA_GRID`) and for no smoothing.
 
 Split out of :mod:`vitquant.methods.ptq.smoothquant`, which keeps ``smooth()``, the calibration
-pass ``"smooth"`` and the ``SmoothLayer`` records, and re-exports every name here.
+pass ``"smooth"`` and the ``SmoothLayer`` records, and re-exports the public names here.
 """
 
 from __future__ import annotations

@@ -59,13 +59,6 @@ from vitquant.methods.ptq.smooth_search import (
     _targets,
     smoothing_factors,
 )
-from vitquant.methods.ptq.smooth_search import _check_unit as _check_unit  # re-exported
-from vitquant.methods.ptq.smooth_search import _fake_quant as _fake_quant  # re-exported
-from vitquant.methods.ptq.smooth_search import _InputStats as _InputStats  # re-exported
-from vitquant.methods.ptq.smooth_search import _layer_input as _layer_input  # re-exported
-from vitquant.methods.ptq.smooth_search import (  # re-exported
-    _weight_quantizer as _weight_quantizer,
-)
 from vitquant.quant.api import calibrate, get_config, named_quantizers, prepare
 from vitquant.quant.config import QuantConfig
 from vitquant.quant.passes import CALIBRATION_PASSES, CalibrationPass
