@@ -50,6 +50,7 @@ __all__ = [
     "quantization_disabled",
     "get_config",
     "batch_input",
+    "forward_batches",
 ]
 
 _CONFIG_ATTR = "_vitquant_config"
@@ -275,6 +276,34 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
             q.enabled = was
 
 
+def forward_batches(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> int:
+    """Runs ``model`` on the inputs of ``data`` (:func:`batch_input`, moved to ``device``), at
+    most ``num_batches`` of them, with a tqdm bar named ``desc`` when ``progress``; returns the
+    number of batches run. The caller sets the mode (``no_grad``, quantization off, hooks)."""
+    batches: Iterable[Any] = data
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = num_batches
+        if total is None and hasattr(data, "__len__"):
+            total = len(data)  # type: ignore[arg-type]
+        batches = tqdm(data, total=total, desc=desc, leave=False)
+    count = 0
+    for batch in batches:
+        if num_batches is not None and count >= num_batches:
+            break
+        model(batch_input(batch).to(device))
+        count += 1
+    return count
+
+
 def batch_input(batch: Any) -> Tensor:
     """The input tensor of a batch: a tensor, ``(input, label, ...)``, or a dict with
     ``"image"``/``"input"``/``"pixel_values"``."""
@@ -363,7 +392,6 @@ def calibrate(
     acts = [q for _, q in quantizers if q.role != "weight"]
     was_training = model.training
     model.eval()
-    count = 0
     try:
         with quantization_disabled(model), torch.no_grad():
             for p in passes:
@@ -372,19 +400,7 @@ def calibrate(
         with quantization_disabled(model), torch.no_grad():
             for q in acts:
                 q.start_calibration(method, num_bins=bins)
-            batches: Iterable[Any] = data
-            if progress:
-                from tqdm.auto import tqdm
-
-                total = num_batches
-                if total is None and hasattr(data, "__len__"):
-                    total = len(data)  # type: ignore[arg-type]
-                batches = tqdm(data, total=total, desc="calibrate", leave=False)
-            for batch in batches:
-                if num_batches is not None and count >= num_batches:
-                    break
-                model(batch_input(batch).to(dev))
-                count += 1
+            count = forward_batches(model, data, num_batches, dev, progress, "calibrate")
         if count == 0:
             raise DataError("the calibration data yielded no batches")
         for q in acts:

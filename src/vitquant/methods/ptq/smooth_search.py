@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.errors import ConfigError, DataError
-from vitquant.quant.api import batch_input, quantization_disabled
+from vitquant.quant.api import forward_batches, quantization_disabled
 from vitquant.quant.calibrators import CALIBRATION_METHODS
 from vitquant.quant.modules import QuantModule
 from vitquant.quant.modules.linear import SMOOTH_BUFFER
@@ -120,22 +120,9 @@ def _collect(
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    count = 0
     try:
-        batches: Iterable[Any] = data
-        if progress:
-            from tqdm.auto import tqdm
-
-            total = num_batches
-            if total is None and hasattr(data, "__len__"):
-                total = len(data)  # type: ignore[arg-type]
-            batches = tqdm(data, total=total, desc="smooth: statistics", leave=False)
         with quantization_disabled(model), torch.no_grad():
-            for batch in batches:
-                if num_batches is not None and count >= num_batches:
-                    break
-                model(batch_input(batch).to(dev))
-                count += 1
+            count = forward_batches(model, data, num_batches, dev, progress, "smooth: statistics")
     finally:
         for h in hooks:
             h.remove()
