@@ -44,11 +44,33 @@ from vitquant.runtime import native, ops
 from vitquant.runtime.dynamic import DynamicInt8Linear, linear_from_quant
 from vitquant.runtime.kernels import ActQ, quantize_act, quantize_fast
 from vitquant.runtime.layernorm import LayerNormQuant, norm_quant
-from vitquant.runtime.modules import Int8Linear, Int8MatMul, _is_active, rescale
+from vitquant.runtime.mlp import Int8Mlp
+from vitquant.runtime.modules import (
+    Int8Linear,
+    Int8MatMul,
+    _is_active,
+    act_from_quantizer,
+    rescale,
+)
 
 __all__ = ["Int8Attention", "Int8Mlp", "Int8Block", "LayerNormQuant", "block_unsupported"]
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "add1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+_SQRT_HALF = 0.5**0.5
+
+
+def _log2_sqrt2(m: nn.Module, backend: str) -> tuple[float, int] | None:
+    """``(scale, bits)`` of an active per-tensor log-√2 quantizer of at most 4 bits on attn·v's
+    probabilities (the native kernels' grid), else None."""
+    q = getattr(m, "a_quantizer", None)
+    if backend == "reference" or not _is_active(q) or not native.available():
+        return None
+    qp = q.qparams()  # type: ignore[union-attr,operator]
+    if qp.kind != "log2_sqrt2" or qp.scale.numel() != 1 or qp.bits > 4:
+        return None
+    return float(qp.scale.reshape(-1)[0]), int(qp.bits)
 
 
 def _identity_like(m: nn.Module | None) -> bool:
@@ -125,6 +147,12 @@ class Int8Attention(nn.Module):
         self.qk_float, self.av_float = attn.qk_matmul, attn.av_matmul
         self.qk, _ = Int8MatMul.from_quant(attn.qk_matmul, backend, method=method, bf16=bf16)
         self.av, _ = Int8MatMul.from_quant(attn.av_matmul, backend, method=method, bf16=bf16)
+        #: (scale, bits) of log-√2 probabilities (RepQ-ViT) that the native kernels take
+        self.p_log2 = None if self.av is not None else _log2_sqrt2(attn.av_matmul, backend)
+        #: v's grid: attn·v's second operand
+        self.v_act = self.av.b if self.av is not None else None
+        if self.p_log2 is not None:
+            self.v_act = act_from_quantizer(getattr(attn.av_matmul, "b_quantizer", None))[0]
         # LayerScale after proj folded into its epilogue (only without an after-GEMM quantizer)
         self.proj_scale: Tensor | None = None
         self.proj_bias = proj.bias
@@ -139,6 +167,8 @@ class Int8Attention(nn.Module):
         self.av_codes = self._fused_av()
         #: attn·v as int32 rows in ``[B, N, H·D]`` order for a per-token ``proj`` (native)
         self.av_rows = self._av_rows()
+        #: (alpha, scale, bits) of :func:`~vitquant.runtime.native.qk_softmax_log2`
+        self.log2_codes = self._fused_log2()
         # probabilities are in [0, 1]: their codes need no clamp when 1 maps inside the grid
         self.p_clamp = True
         if self.av is not None:
@@ -150,10 +180,10 @@ class Int8Attention(nn.Module):
     def _fold_qkv(self) -> None:
         """Prepares the qkv epilogue that writes q/k/v int8 codes directly (ft1)."""
         self.qkv_codes: ActQ | None = None
-        qk, av = self.qk, self.av
-        if self.qkv.out_q is not None or qk is None or av is None:
+        qk, v = self.qk, self.v_act
+        if self.qkv.out_q is not None or qk is None or v is None:
             return
-        sections = (qk.a, qk.b, av.b)
+        sections = (qk.a, qk.b, v)
         if any(s.zero_point or s.offset(torch.int8) for s in sections):
             return
         lo, hi = max(s.qmin for s in sections), min(s.qmax for s in sections)
@@ -163,7 +193,7 @@ class Int8Attention(nn.Module):
         if self.qkv.out_features != 3 * c:
             return
         div = torch.cat(
-            [torch.full((c,), s) for s in (qk.a.scale / self.scale, qk.b.scale, av.b.scale)]
+            [torch.full((c,), s) for s in (qk.a.scale / self.scale, qk.b.scale, v.scale)]
         ).to(self.qkv.weight.scale.device)
         self.qkv_scale = self.qkv.weight.scale / div
         self.qkv_bias = None if self.qkv.bias is None else self.qkv.bias / div
@@ -209,6 +239,35 @@ class Int8Attention(nn.Module):
             return None
         return av.a.scale * av.b.scale, pa.scale, pa.zero_point + off, lo, hi, p.dtype
 
+    def _fused_log2(self) -> tuple[float, float, int] | None:
+        """Log-√2 probabilities from one native kernel and attn·v as two exact integer
+        products (:func:`~vitquant.runtime.native.qk_softmax_log2`), where q/k/v come as codes
+        from the qkv epilogue, v's zero point is zero and the softmax is plain."""
+        qk, v, sm = self.qk, self.v_act, self.softmax
+        if self.p_log2 is None or self.qkv_codes is None or qk is None or qk.method != "vnni":
+            return None
+        if v is None or v.zero_point or v.offset(torch.int8) or qk.output_quantizer is not None:
+            return None
+        if not isinstance(sm, nn.Softmax) or sm.dim not in (-1, 3):
+            return None
+        if _is_active(getattr(sm, "input_quantizer", None)):
+            return None
+        return qk.a.scale * qk.b.scale, *self.p_log2
+
+    def _av_log2(
+        self, q8: Tensor, k8: Tensor, v8: Tensor, b: int, n: int, c: int, residual: Tensor | None
+    ) -> Tensor:
+        """Log-√2 attention: ``p·v = -(E·v + O·v / √2) · s_p · 2^-m0`` (``qk_softmax_log2``),
+        the two products exact int32 sums, then ``proj``."""
+        alpha, scale, bits = self.log2_codes  # type: ignore[misc]
+        pp = native.qk_softmax_log2(q8, k8.transpose(-2, -1), alpha, scale, bits)
+        even = native.vnni_bmm(pp[0], v8, heads_last=True).float()
+        odd = native.vnni_bmm(pp[1], v8, heads_last=True).float()
+        m0 = (2**bits - 2) // 2
+        mul = -scale * 2.0**-m0 * self.v_act.scale  # type: ignore[union-attr]
+        o = torch.add(even, odd, alpha=_SQRT_HALF).mul_(mul).reshape(b, n, c)
+        return self._proj(self.proj.quantize_input(o), residual)
+
     def _av_rows(self) -> bool:
         av, p = self.av, self.proj
         if av is None or av.method != "vnni" or self.backend == "reference" or not p.dynamic:
@@ -236,7 +295,7 @@ class Int8Attention(nn.Module):
             xq = self.qkv.quantize_input(x)
         qk, av = self.qk, self.av
         fast = self.backend != "reference"
-        if self.qkv_codes is not None and qk is not None and av is not None:
+        if self.qkv_codes is not None and qk is not None and self.v_act is not None:
             codes = self.qkv.forward_codes(
                 xq, bias=self.qkv_bias, out=self.qkv_codes, out_dtype=torch.int8,
                 w_scale=self.qkv_scale,
@@ -246,6 +305,8 @@ class Int8Attention(nn.Module):
             q8, k8, v8 = codes[0], codes[1], codes[2]
             if not fast:
                 v8 = v8.contiguous()
+            if self.log2_codes is not None and not torch.compiler.is_compiling():
+                return self._av_log2(q8, k8, v8, b, n, c, residual)
             if self.softmax_codes is not None:  # one native kernel up to the codes of p
                 if torch.compiler.is_compiling():
                     pq = ops.qk_softmax(q8, k8.transpose(-2, -1), *self.softmax_codes)
@@ -274,7 +335,7 @@ class Int8Attention(nn.Module):
                 v8 = av.quantize(v, av.b)
             return self._av(pq, v8, b, n, c, residual)
         if v8 is not None:  # v was produced as codes: dequantize for the float matmul
-            v = v8.float() * av.b.scale  # type: ignore[union-attr]
+            v = v8.float() * self.v_act.scale  # type: ignore[union-attr]
         o = (av or self.av_float)(attn, v).transpose(1, 2).reshape(b, n, c)
         oq = self.proj.quantize_input(o)
         return self._proj(oq, residual)
@@ -333,77 +394,6 @@ class Int8Attention(nn.Module):
         y = (codes.float() - p.out_q.zero_point) * p.out_q.scale
         if p.bias is not None:
             y = y + p.bias
-        return y if residual is None else residual + y
-
-
-class Int8Mlp(nn.Module):
-    """``fc1 -> GELU -> fc2`` with GELU and fc2's input quantization fused into fc1."""
-
-    def __init__(
-        self,
-        mlp: nn.Module,
-        fc1: Int8Linear | DynamicInt8Linear,
-        fc2: Int8Linear | DynamicInt8Linear,
-        fc2_gamma: Tensor | None = None,
-        *,
-        float_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__()
-        self.float_dtype = float_dtype
-        self.fc1, self.fc2 = fc1, fc2
-        self.act = mlp.act
-        self.norm = getattr(mlp, "norm", nn.Identity())
-        approx = getattr(self.act, "approximate", None)
-        self.fuse_gelu = (
-            isinstance(self.act, nn.GELU)
-            and approx in ("none", "tanh")
-            and fc1.out_q is None
-            and isinstance(self.norm, nn.Identity)
-        )
-        self.gelu_approx = str(approx)
-        #: fc1's epilogue writes fc2's input codes (fixed grids only; else GELU in the epilogue
-        #: and fc2 quantizes the float hidden activation)
-        self.requant = self.fuse_gelu and not fc1.dynamic and not fc2.dynamic
-        #: both per token, erf GELU: rows.row_epilogue_gelu_quant
-        self.gelu_rows = self.fuse_gelu and fc1.dynamic and fc2.dynamic and approx == "none"
-        self.fc2_scale: Tensor | None = None
-        self.fc2_bias = fc2.bias
-        if fc2_gamma is not None:
-            self.fc2_scale = fc2.weight.scale * fc2_gamma
-            self.fc2_bias = None if fc2.bias is None else fc2.bias * fc2_gamma
-
-    def forward(
-        self, x: Tensor, residual: Tensor | None = None, xq: Tensor | None = None
-    ) -> Tensor:
-        """MLP of ``x``; ``xq``: its codes if already quantized; ``residual``: added in the
-        ``fc2`` epilogue."""
-        fc1, fc2 = self.fc1, self.fc2
-        if xq is None:
-            xq = fc1.quantize_input(x)
-        if self.requant:
-            hq = fc1.forward_codes(
-                xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx,
-                out=fc2.act, out_dtype=fc2.dtype, out_div=fc2.in_div,
-            )  # fmt: skip
-        elif self.gelu_rows and (codes := fc1.gelu_codes(xq, fc2)) is not None:
-            hq = codes  # fc1's epilogue, GELU and fc2's per-token quantization in one pass
-        elif self.fuse_gelu:
-            hidden = fc1.forward_codes(
-                xq, bias=fc1.bias, post="gelu", gelu_approximate=self.gelu_approx
-            )
-            hq = fc2.quantize_input(hidden)
-        else:
-            hidden = fc1.float_from_codes(xq)
-            hq = fc2.quantize_input(self.norm(self.act(hidden)))
-        if fc2.out_q is None:
-            return fc2.forward_codes(
-                hq, bias=self.fc2_bias, other=residual, w_scale=self.fc2_scale,
-                out_dtype=self.float_dtype,
-            )  # fmt: skip
-        codes = fc2.forward_codes(hq, out=fc2.out_q, out_dtype=torch.int8)
-        y = (codes.float() - fc2.out_q.zero_point) * fc2.out_q.scale
-        if fc2.bias is not None:
-            y = y + fc2.bias
         return y if residual is None else residual + y
 
 

@@ -13,7 +13,9 @@ over torch's OpenMP threads (``csrc/vnni_bmm.c`` says how):
   the scores of six rows at a time kept in L1: the int32 scores are never written out (15 MB per
   layer for ViT-B at batch 8). The probabilities are those of ``torch.softmax`` up to float
   rounding (the exponential is Cephes' ``expf`` polynomial, within 2 ulp), so a code may differ
-  by one step where a probability lies within an ulp of a rounding midpoint.
+  by one step where a probability lies within an ulp of a rounding midpoint;
+* :func:`qk_softmax_log2`: the same with the probabilities on RepQ-ViT's log-√2 grid, as two
+  int8 code tensors (even and odd exponents) whose products with v are exact integer GEMMs.
 
 The row-wise kernels of the same library (LayerNorm-and-quantize, per-token quantization, the
 epilogue of a GEMM on per-token codes; ``csrc/rows.c``) have their Python side in
@@ -51,8 +53,8 @@ from vitquant.errors import ConfigError
 from vitquant.runtime.isa import cpu_flags
 
 __all__ = [
-    "available", "why_unavailable", "vnni_bmm", "vnni_bmm_quant", "qk_softmax", "library",
-    "library_path",
+    "available", "why_unavailable", "vnni_bmm", "vnni_bmm_quant", "qk_softmax",
+    "qk_softmax_log2", "library", "library_path",
 ]  # fmt: skip
 
 #: the C sources (compiled into one library) and the header they share
@@ -146,6 +148,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.vq_qk_softmax.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 14 + [ctypes.c_float] * 2 + [ctypes.c_int] * 3
     )
+    lib.vq_qk_softmax_log2.restype = ctypes.c_int
+    lib.vq_qk_softmax_log2.argtypes = (
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 14 + [ctypes.c_float] * 2
+        + [ctypes.c_int, ctypes.c_int64]
+    )  # fmt: skip
     lib.vq_layernorm_quant.restype = None
     lib.vq_layernorm_quant.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -352,4 +359,38 @@ def qk_softmax(
     )  # fmt: skip
     if failed:
         raise MemoryError("qk_softmax: could not allocate its buffers")
+    return out
+
+
+def qk_softmax_log2(q: Tensor, kt: Tensor, alpha: float, scale: float, bits: int) -> Tensor:
+    """``softmax(alpha * (q @ kt), -1)`` on RepQ-ViT's log-√2 grid of ``bits`` (at most 4) bits
+    and ``scale``, in one pass, as two int8 code tensors stacked in front, ``[2, ..., M, N]``.
+
+    The log-√2 value ``scale * 2^(-c/2)`` of code ``c`` (the top code is zero; as
+    :func:`vitquant.quant.primitives.log2_quantize`) is ``scale * 2^-m0 * e`` for even ``c`` and
+    ``scale * 2^-m0 * o / √2`` for odd ``c``, with integers ``e`` and ``o`` of magnitude at most
+    ``2^m0 = 2^((2^bits - 2) // 2)``; out ``[0]`` holds ``-e`` and ``[1]`` ``-o`` (negated so
+    that 128 fits int8; zero where the code is of the other parity or zero). So ``p @ v`` is
+    ``-(out[0] @ v + out[1] @ v / √2) * scale * 2^-m0``, two exact integer products.
+
+    Raises:
+        ConfigError: the kernel is unavailable, the operands do not fit, or more than 4 bits.
+    """
+    lib = library()
+    q4, k4, _, skr = _operands("qk_softmax_log2", q, kt, (torch.int8,), trans_b=True)
+    if not 1 <= bits <= 4 or scale <= 0:
+        raise ConfigError(f"qk_softmax_log2: bad quantizer (scale {scale}, {bits} bits)")
+    batch, m, k, n = q.shape[:-2], q.shape[-2], q.shape[-1], kt.shape[-1]
+    out = torch.empty(2, *batch, m, n, dtype=torch.int8)
+    if out.numel() == 0:
+        return out
+    p4 = _as4d(out[0])
+    odd = out[1].data_ptr() - out[0].data_ptr()
+    failed = lib.vq_qk_softmax_log2(
+        q4.data_ptr(), k4.data_ptr(), p4.data_ptr(), p4.shape[0], p4.shape[1], m, k, n,
+        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), skr,
+        p4.stride(0), p4.stride(1), p4.stride(2), alpha, 1.0 / scale, bits, odd,
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("qk_softmax_log2: could not allocate its buffers")
     return out

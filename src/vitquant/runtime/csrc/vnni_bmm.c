@@ -18,6 +18,8 @@
  */
 #include "common.h"
 
+#include <float.h>
+
 /* vpdpbusd in place: GCC's intrinsic makes it copy (and spill) every accumulator in loops; the
  * in-place form keeps each accumulator in its register. */
 #define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
@@ -245,10 +247,14 @@ static int strip_rows(const uint8_t **rows, const uint8_t *a, int64_t i0, int64_
     return mr;
 }
 
-/* Softmax of each row of scores alpha * (A @ B), quantized: clamp(rint(p * inv) + zp, lo, hi). */
+/* Softmax of each row of scores alpha * (A @ B), quantized: clamp(rint(p * inv) + zp, lo, hi);
+ * or, with lbits > 0, on RepQ-ViT's log-sqrt2 grid of lbits bits (see softmax_row), written as
+ * two rows of codes, the second `odd` bytes after the first. */
 typedef struct {
     float alpha, inv;
     int zp, lo, hi;
+    int lbits;
+    int64_t odd;
 } Sm;
 
 static void softmax_row(const int32_t *s, int64_t n, const Sm *sm, float *e, int8_t *out);
@@ -323,6 +329,41 @@ int vq_bmm_quant(const int8_t *A, const int8_t *B, int8_t *C, int64_t nb, int64_
 
 /* ---- q.k^T fused with rescale, softmax and quantization of the probabilities ------------ */
 
+/* The log-sqrt2 codes of one row of probabilities p = e * rs: q = clamp(round(-2 log2(p / s)),
+ * 0, qmax), qmax = 2^bits - 1 standing for zero (RepQ-ViT; vitquant.quant.primitives.
+ * log2_quantize), without a logarithm: with r = p / s = 2^E * M, M in [1, 2), q = -2E - [M >=
+ * 2^(1/4)] - [M >= 2^(3/4)]. The value s * 2^(-q/2) is s * 2^-M0 * c for even q and that over
+ * sqrt(2) for odd q, with the integer c = 2^(M0 - floor(q/2)), M0 = (qmax - 1) / 2 (<= 7 for
+ * bits <= 4). The codes -c go to `even` or `odd` (negated, so that c = 128 fits int8; 0 elsewhere
+ * and for the zero code), and attn.v becomes two exact integer products. */
+static void log2_sqrt2_codes(const float *e, int64_t n, __m512 rs, __m512 vinv, int bits,
+                             int8_t *even, int8_t *odd)
+{
+    const int qmax = (1 << bits) - 1;
+    const __m512i vqmax = _mm512_set1_epi32(qmax), one = _mm512_set1_epi32(1),
+                  zero = _mm512_setzero_si512(), vm0 = _mm512_set1_epi32((qmax - 1) >> 1);
+    const __m512 t1 = _mm512_set1_ps(1.18920711500272107f), /* 2^(1/4) */
+        t3 = _mm512_set1_ps(1.68179283050742909f),          /* 2^(3/4) */
+        tiny = _mm512_set1_ps(FLT_MIN), minus2 = _mm512_set1_ps(-2.0f);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        const __m512 r = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(e + j), rs), vinv);
+        const __m512 ex = _mm512_getexp_ps(r);
+        const __m512 mt = _mm512_getmant_ps(r, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(ex, minus2));
+        q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mt, t1, _CMP_GE_OQ), q, one);
+        q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mt, t3, _CMP_GE_OQ), q, one);
+        q = _mm512_min_epi32(_mm512_max_epi32(q, zero), vqmax);
+        q = _mm512_mask_mov_epi32(q, _mm512_cmp_ps_mask(r, tiny, _CMP_LT_OQ), vqmax);
+        const __m512i sh = _mm512_sub_epi32(vm0, _mm512_srli_epi32(q, 1));
+        __m512i c = _mm512_sub_epi32(zero, _mm512_sllv_epi32(one, sh));
+        c = _mm512_mask_mov_epi32(c, _mm512_cmpeq_epi32_mask(q, vqmax), zero);
+        const __mmask16 is_odd = _mm512_test_epi32_mask(q, one);
+        _mm512_mask_cvtsepi32_storeu_epi8(even + j, m, _mm512_mask_mov_epi32(c, is_odd, zero));
+        _mm512_mask_cvtsepi32_storeu_epi8(odd + j, m, _mm512_maskz_mov_epi32(is_odd, c));
+    }
+}
+
 /* One row: p = softmax(alpha * s), codes = clamp(rint(p * inv_scale) + zp, lo, hi) as int8. */
 static void softmax_row(const int32_t *s, int64_t n, const Sm *sm, float *e, int8_t *out)
 {
@@ -348,6 +389,10 @@ static void softmax_row(const int32_t *s, int64_t n, const Sm *sm, float *e, int
     const __m512 vinv = _mm512_set1_ps(inv_scale);
     const __m512i vzp = _mm512_set1_epi32(zp), vlo = _mm512_set1_epi32(lo),
                   vhi = _mm512_set1_epi32(hi);
+    if (sm->lbits) {
+        log2_sqrt2_codes(e, n, rs, vinv, sm->lbits, out, out + sm->odd);
+        return;
+    }
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = tail_mask(n - j);
         const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(e + j), rs);
@@ -367,7 +412,20 @@ int vq_qk_softmax(const int8_t *Q, const int8_t *Kt, int8_t *P, int64_t nb, int6
                   int64_t skh, int64_t skr, int64_t spb, int64_t sph, int64_t spm, float alpha,
                   float inv_scale, int zp, int lo, int hi)
 {
-    const Sm sm = {alpha, inv_scale, zp, lo, hi};
+    const Sm sm = {alpha, inv_scale, zp, lo, hi, 0, 0};
+    return bmm(Q, Kt, (int32_t *)P, nb, nh, m, k, n, sqb, sqh, sqm, skb, skh, skr, spb, sph, spm,
+               1, 1, NULL, &sm);
+}
+
+/* As vq_qk_softmax, with the probabilities on the log-sqrt2 grid of `bits` bits and scale
+ * 1 / inv_scale: the codes of even exponents in P, those of odd ones `odd` bytes after
+ * (log2_sqrt2_codes). */
+int vq_qk_softmax_log2(const int8_t *Q, const int8_t *Kt, int8_t *P, int64_t nb, int64_t nh,
+                       int64_t m, int64_t k, int64_t n, int64_t sqb, int64_t sqh, int64_t sqm,
+                       int64_t skb, int64_t skh, int64_t skr, int64_t spb, int64_t sph,
+                       int64_t spm, float alpha, float inv_scale, int bits, int64_t odd)
+{
+    const Sm sm = {alpha, inv_scale, 0, 0, 0, bits, odd};
     return bmm(Q, Kt, (int32_t *)P, nb, nh, m, k, n, sqb, sqh, sqm, skb, skh, skr, spb, sph, spm,
                1, 1, NULL, &sm);
 }
