@@ -46,7 +46,10 @@ RECIPES: dict[str, QuantConfig] = {
     "robust, per-token dynamic fc2 input": QuantConfig(
         wbits=8, abits=8, overrides={"*.fc2.input_quantizer": {"quantizer": "dynamic"}},
     ),
-    "ft1, log-sqrt2 softmax": QuantConfig("ft1", 8, 8, softmax_quantizer="log2_sqrt2"),
+    "ft1, 4-bit log-sqrt2 softmax": QuantConfig(
+        "ft1", 8, 8, softmax_quantizer="log2_sqrt2", softmax_bits=4,
+    ),
+    "ft1, 8-bit log-sqrt2 softmax": QuantConfig("ft1", 8, 8, softmax_quantizer="log2_sqrt2"),
 }  # fmt: skip
 
 

@@ -261,12 +261,11 @@ class Int8Attention(nn.Module):
         the two products exact int32 sums, then ``proj``."""
         alpha, scale, bits = self.log2_codes  # type: ignore[misc]
         pp = native.qk_softmax_log2(q8, k8.transpose(-2, -1), alpha, scale, bits)
-        even = native.vnni_bmm(pp[0], v8, heads_last=True).float()
-        odd = native.vnni_bmm(pp[1], v8, heads_last=True).float()
-        m0 = (2**bits - 2) // 2
-        mul = -scale * 2.0**-m0 * self.v_act.scale  # type: ignore[union-attr]
-        o = torch.add(even, odd, alpha=_SQRT_HALF).mul_(mul).reshape(b, n, c)
-        return self._proj(self.proj.quantize_input(o), residual)
+        even = native.vnni_bmm(pp[0], v8, heads_last=True)
+        odd = native.vnni_bmm(pp[1], v8, heads_last=True)
+        mul = -scale * 2.0 ** -((2**bits - 2) // 2) * self.v_act.scale  # type: ignore[union-attr]
+        o = torch.mul(odd, mul * _SQRT_HALF).add_(even, alpha=mul)  # two passes, float32 out
+        return self._proj(self.proj.quantize_input(o.reshape(b, n, c)), residual)
 
     def _av_rows(self) -> bool:
         av, p = self.av, self.proj
