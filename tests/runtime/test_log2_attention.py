@@ -104,3 +104,16 @@ def test_lowered_log2_attention_is_native_and_matches_the_fake_quant(
     # the integer path and the fallback compute one function, up to float rounding
     assert len(calls) == len(attns)  # (the fallback did not call the kernel)
     assert F.cosine_similarity(got.flatten(), slow.flatten(), dim=0) > 0.9999
+
+
+@needs_native
+def test_compiled_log2_model_matches_eager(trained: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    """Under ``torch.compile`` the attention takes the unfused path (the log-√2 kernel is called
+    eagerly only); the compiled model computes the same function."""
+    model, x = trained
+    cfg = QuantConfig("ft1", 8, 8, softmax_quantizer="log2_sqrt2", softmax_bits=4)
+    q = calibrate(prepare(copy.deepcopy(model), cfg), [x[:128]], progress=False)
+    low = lower(q, warn=False)
+    with torch.no_grad():
+        eager, compiled = low(x[:64]), torch.compile(low)(x[:64])
+    assert F.cosine_similarity(eager.flatten(), compiled.flatten(), dim=0) > 0.9999
