@@ -50,6 +50,7 @@ from vitquant.runtime.modules import (
     Int8MatMul,
     _is_active,
     act_from_quantizer,
+    linear_output,
     rescale,
 )
 
@@ -383,17 +384,9 @@ class Int8Attention(nn.Module):
         return torch.tensor(float(value), dtype=dtype, device=like.device)
 
     def _proj(self, oq: Tensor, residual: Tensor | None) -> Tensor:
-        p = self.proj
-        if p.out_q is None:
-            return p.forward_codes(
-                oq, bias=self.proj_bias, other=residual, w_scale=self.proj_scale,
-                out_dtype=self.float_dtype,
-            )  # fmt: skip
-        codes = p.forward_codes(oq, out=p.out_q, out_dtype=torch.int8)
-        y = (codes.float() - p.out_q.zero_point) * p.out_q.scale
-        if p.bias is not None:
-            y = y + p.bias
-        return y if residual is None else residual + y
+        return linear_output(
+            self.proj, oq, self.proj_bias, self.proj_scale, residual, self.float_dtype
+        )
 
 
 class Int8Block(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vitquant.runtime.dynamic import DynamicInt8Linear
-from vitquant.runtime.modules import Int8Linear
+from vitquant.runtime.modules import Int8Linear, linear_output
 
 __all__ = ["Int8Mlp"]
 
@@ -74,13 +74,4 @@ class Int8Mlp(nn.Module):
         else:
             hidden = fc1.float_from_codes(xq)
             hq = fc2.quantize_input(self.norm(self.act(hidden)))
-        if fc2.out_q is None:
-            return fc2.forward_codes(
-                hq, bias=self.fc2_bias, other=residual, w_scale=self.fc2_scale,
-                out_dtype=self.float_dtype,
-            )  # fmt: skip
-        codes = fc2.forward_codes(hq, out=fc2.out_q, out_dtype=torch.int8)
-        y = (codes.float() - fc2.out_q.zero_point) * fc2.out_q.scale
-        if fc2.bias is not None:
-            y = y + fc2.bias
-        return y if residual is None else residual + y
+        return linear_output(fc2, hq, self.fc2_bias, self.fc2_scale, residual, self.float_dtype)

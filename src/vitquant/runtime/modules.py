@@ -212,6 +212,30 @@ class Int8Linear(nn.Module):
         )
 
 
+def linear_output(
+    lin: nn.Module,
+    xq: Tensor,
+    bias: Tensor | None,
+    w_scale: Tensor | None,
+    residual: Tensor | None,
+    float_dtype: torch.dtype,
+) -> Tensor:
+    """The float output of an integer linear (:class:`Int8Linear` or ``DynamicInt8Linear``) on
+    input codes ``xq``, plus ``residual``: in the GEMM's epilogue (with ``bias`` and the weight
+    scales ``w_scale``, LayerScale folded in) without an after-GEMM quantizer; else requantized
+    to its int8 grid (ft2), then the bias and the residual added in float, as the fake quant."""
+    oq = lin.out_q
+    if oq is None:
+        return lin.forward_codes(
+            xq, bias=bias, other=residual, w_scale=w_scale, out_dtype=float_dtype
+        )
+    codes = lin.forward_codes(xq, out=oq, out_dtype=torch.int8)
+    y = (codes.float() - oq.zero_point) * oq.scale
+    if lin.bias is not None:
+        y = y + lin.bias
+    return y if residual is None else residual + y
+
+
 def rescale(acc: Tensor, scale: float) -> Tensor:
     """``acc * scale`` as float32, ``acc`` an integer product (int32, exact float32, or the
     reference backend's float64, multiplied before rounding). An int32 tensor times a float runs
