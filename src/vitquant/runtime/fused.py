@@ -243,11 +243,11 @@ class Int8Attention(nn.Module):
     def _fused_log2(self) -> tuple[float, float, int] | None:
         """Log-√2 probabilities from one native kernel and attn·v as two exact integer
         products (:func:`~vitquant.runtime.native.qk_softmax_log2`), where q/k/v come as codes
-        from the qkv epilogue, v's zero point is zero and the softmax is plain."""
-        qk, v, sm = self.qk, self.v_act, self.softmax
+        from the qkv epilogue (so with zero points of zero) and the softmax is plain."""
+        qk, sm = self.qk, self.softmax
         if self.p_log2 is None or self.qkv_codes is None or qk is None or qk.method != "vnni":
             return None
-        if v is None or v.zero_point or v.offset(torch.int8) or qk.output_quantizer is not None:
+        if qk.output_quantizer is not None:
             return None
         if not isinstance(sm, nn.Softmax) or sm.dim not in (-1, 3):
             return None

@@ -43,6 +43,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -344,21 +345,38 @@ def qk_softmax(
     Raises:
         ConfigError: the kernel is unavailable, or the operands do not fit.
     """
-    lib = library()
-    q4, k4, _, skr = _operands("qk_softmax", q, kt, (torch.int8,), trans_b=True)
     _check_grid("qk_softmax", scale, lo, hi, (-128, 127))
-    batch, m, k, n = q.shape[:-2], q.shape[-2], q.shape[-1], kt.shape[-1]
-    out = torch.empty(*batch, m, n, dtype=torch.int8)
+    out = torch.empty(*q.shape[:-1], kt.shape[-1], dtype=torch.int8)
+    return _qk_softmax_into(
+        "qk_softmax", library().vq_qk_softmax, q, kt, out, out, (zero_point, lo, hi), alpha, scale
+    )
+
+
+def _qk_softmax_into(
+    what: str,
+    fn: Callable[..., int],
+    q: Tensor,
+    kt: Tensor,
+    out: Tensor,
+    p: Tensor,
+    grid: tuple[int, ...],
+    alpha: float,
+    scale: float,
+) -> Tensor:
+    """Runs a fused q·kᵀ-softmax kernel ``fn`` writing the codes into ``p`` (a view of
+    ``out``, which it returns); ``grid``: the kernel's arguments after ``alpha, 1 / scale``."""
+    q4, k4, _, skr = _operands(what, q, kt, (torch.int8,), trans_b=True)
     if out.numel() == 0:
         return out
-    p4 = _as4d(out)
-    failed = lib.vq_qk_softmax(
+    p4 = _as4d(p)
+    m, k, n = q4.shape[2], q4.shape[3], p4.shape[3]
+    failed = fn(
         q4.data_ptr(), k4.data_ptr(), p4.data_ptr(), p4.shape[0], p4.shape[1], m, k, n,
         q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), skr,
-        p4.stride(0), p4.stride(1), p4.stride(2), alpha, 1.0 / scale, zero_point, lo, hi,
+        p4.stride(0), p4.stride(1), p4.stride(2), alpha, 1.0 / scale, *grid,
     )  # fmt: skip
     if failed:
-        raise MemoryError("qk_softmax: could not allocate its buffers")
+        raise MemoryError(f"{what}: could not allocate its buffers")
     return out
 
 
@@ -376,21 +394,11 @@ def qk_softmax_log2(q: Tensor, kt: Tensor, alpha: float, scale: float, bits: int
     Raises:
         ConfigError: the kernel is unavailable, the operands do not fit, or more than 4 bits.
     """
-    lib = library()
-    q4, k4, _, skr = _operands("qk_softmax_log2", q, kt, (torch.int8,), trans_b=True)
     if not 1 <= bits <= 4 or scale <= 0:
         raise ConfigError(f"qk_softmax_log2: bad quantizer (scale {scale}, {bits} bits)")
-    batch, m, k, n = q.shape[:-2], q.shape[-2], q.shape[-1], kt.shape[-1]
-    out = torch.empty(2, *batch, m, n, dtype=torch.int8)
-    if out.numel() == 0:
-        return out
-    p4 = _as4d(out[0])
-    odd = out[1].data_ptr() - out[0].data_ptr()
-    failed = lib.vq_qk_softmax_log2(
-        q4.data_ptr(), k4.data_ptr(), p4.data_ptr(), p4.shape[0], p4.shape[1], m, k, n,
-        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), skr,
-        p4.stride(0), p4.stride(1), p4.stride(2), alpha, 1.0 / scale, bits, odd,
+    out = torch.empty(2, *q.shape[:-1], kt.shape[-1], dtype=torch.int8)
+    odd = out[1].data_ptr() - out[0].data_ptr()  # bytes from the even codes to the odd ones
+    return _qk_softmax_into(
+        "qk_softmax_log2", library().vq_qk_softmax_log2, q, kt, out, out[0], (bits, odd), alpha,
+        scale,
     )  # fmt: skip
-    if failed:
-        raise MemoryError("qk_softmax_log2: could not allocate its buffers")
-    return out
